@@ -1,0 +1,132 @@
+"""Token generation over any backbone: greedy or sampled, streamed one step at a time.
+
+The loop is the same for local spans and for the swarm; only the backbone's inference session
+differs. Seeded sampling draws from a private torch.Generator, so a seed gives the same tokens
+wherever the hidden states were computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from corolla.client.head import ClientHead
+from corolla.errors import InvalidInput
+
+__all__ = ["Backbone", "GenerationConfig", "InferenceSession", "generate", "next_tokens"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidInput("max-new-tokens must be at least 1")
+        if self.do_sample and not self.temperature > 0:
+            raise InvalidInput("temperature must be positive")
+        if self.top_k < 0:
+            raise InvalidInput("top-k must be 0 (off) or positive")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInput("top-p must be in (0, 1]")
+
+
+class InferenceSession(Protocol):
+    """One pass through all blocks, keeping caches between steps."""
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [batch, new, hidden] -> [batch, new, hidden], after all earlier steps."""
+        ...
+
+
+class Backbone(Protocol):
+    """All transformer blocks of a model: local spans, or a chain of nodes in the swarm."""
+
+    def inference_session(
+        self, batch_size: int, max_length: int
+    ) -> AbstractContextManager[InferenceSession]: ...
+
+
+def next_tokens(
+    logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits [batch, vocab] -> token ids [batch]."""
+    if not config.do_sample:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / config.temperature
+    if config.top_k:
+        kth = torch.topk(scores, min(config.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= config.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probabilities = scores.softmax(dim=-1)  # batch, vocab
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+def generate(
+    head: ClientHead,
+    backbone: Backbone,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Generate up to `config.max_new_tokens` after input_ids [batch, prompt]; returns [batch, new].
+
+    `on_tokens` receives each step's new tokens [batch] as soon as they exist (for streaming).
+    A sequence that reached EOS is padded with the pad token until every sequence has.
+    """
+    return torch.stack(list(iterate_tokens(head, backbone, input_ids, config, on_tokens)), dim=1)
+
+
+def iterate_tokens(
+    head: ClientHead,
+    backbone: Backbone,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+) -> Iterator[torch.Tensor]:
+    config.validate()
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InvalidInput("the prompt is empty: give at least one token")
+    batch, prompt_length = input_ids.shape
+    max_length = prompt_length + config.max_new_tokens
+    if max_length > head.max_length:
+        raise InvalidInput(
+            f"prompt ({prompt_length} tokens) + max-new-tokens ({config.max_new_tokens}) exceeds "
+            f"the model's context of {head.max_length} tokens"
+        )
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator().manual_seed(config.seed)
+    eos = head.eos_token_id if config.stop_at_eos else None
+    finished = torch.zeros(batch, dtype=torch.bool)
+    with backbone.inference_session(batch, max_length) as session:
+        hidden = head.embed(input_ids)  # batch, prompt, hidden
+        for produced in range(config.max_new_tokens):
+            output = session.step(hidden)  # batch, new, hidden
+            logits = head.logits(output[:, -1:, :])[:, -1, :]  # batch, vocab
+            tokens = next_tokens(logits, config, generator)  # batch
+            tokens = torch.where(finished, torch.full_like(tokens, head.pad_token_id), tokens)
+            if eos is not None:
+                finished |= tokens == eos
+            if on_tokens is not None:
+                on_tokens(tokens)
+            yield tokens
+            if bool(finished.all()) or produced + 1 == config.max_new_tokens:
+                return
+            hidden = head.embed(tokens.unsqueeze(1))  # batch, 1, hidden

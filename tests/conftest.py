@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny deterministic checkpoints, made once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers.utils import logging as hf_logging
+
+from corolla.node.tiny import TinyModelConfig, create_tiny_model
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+# Small enough for CI's two cores, large enough for varied greedy tokens (wide init).
+TEST_MODELS = {
+    "bloom": TinyModelConfig(
+        family="bloom", num_layers=4, hidden_size=64, num_heads=4, seed=2, initializer_range=0.3
+    ),
+    "llama": TinyModelConfig(
+        family="llama", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, seed=2
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: create_tiny_model(root / name, tiny) for name, tiny in TEST_MODELS.items()}
+
+
+@pytest.fixture(scope="session")
+def bloom_dir(model_dirs: dict[str, Path]) -> Path:
+    return model_dirs["bloom"]
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs: dict[str, Path]) -> Path:
+    return model_dirs["llama"]
+
+
+@pytest.fixture(params=["bloom", "llama"])
+def family_dir(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> Path:
+    return model_dirs[request.param]
