@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-from corolla.errors import CheckpointError, InvalidInput, MissingTensor
+from corolla.errors import CheckpointError, InvalidInput, MissingTensor, SpanOutOfRange
 from corolla.node.checkpoint import Checkpoint
 from corolla.node.families import Family
-from corolla.node.manifest import block_digest, load_manifest
+from corolla.node.manifest import Manifest, block_digest, load_manifest
 from corolla.node.quant import Quant, module_bytes, parse_quant, quantize_linears
 
 __all__ = ["Span", "SpanCache", "load_span"]
@@ -39,7 +39,7 @@ class Span:
         start: int,
         end: int,
         model_digest: bytes,
-        digest: bytes,
+        manifest: Manifest,
         quant: Quant,
     ) -> None:
         self.family = family
@@ -48,7 +48,8 @@ class Span:
         self.start = start
         self.end = end
         self.model_digest = model_digest
-        self.digest = digest
+        self.manifest = manifest
+        self.digest = manifest.span_digest(start, end)
         self.quant = quant
         self.hidden_size: int = config.hidden_size
         self.dtype = torch.float32
@@ -57,6 +58,25 @@ class Span:
     @property
     def num_blocks(self) -> int:
         return self.end - self.start
+
+    def subspan(self, start: int, end: int) -> Span:
+        """Blocks [start, end) of this span, sharing its weights (a route may use a part)."""
+        if not self.start <= start < end <= self.end:
+            raise SpanOutOfRange(
+                f"blocks {start}:{end} are not inside this span {self.start}:{self.end}"
+            )
+        if (start, end) == (self.start, self.end):
+            return self
+        return Span(
+            family=self.family,
+            config=self.config,
+            blocks=nn.ModuleList(self.blocks[start - self.start : end - self.start]),
+            start=start,
+            end=end,
+            model_digest=self.model_digest,
+            manifest=self.manifest,
+            quant=self.quant,
+        )
 
     def new_cache(self, batch_size: int) -> SpanCache:
         return SpanCache(batch_size=batch_size)
@@ -137,7 +157,7 @@ def load_span(
         start=start,
         end=end,
         model_digest=manifest.model_digest,
-        digest=manifest.span_digest(start, end),
+        manifest=manifest,
         quant=quant_mode,
     )
 

@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from corolla.client.generation import GenerationConfig, generate
 from corolla.client.head import load_head
 from corolla.client.local import LocalBackbone, even_splits
+from corolla.errors import SpanOutOfRange
+from corolla.node.span import load_span
 
 SPLITS = {
     "one span": [(0, 4)],
@@ -131,3 +133,13 @@ def test_generation_stops_at_eos(bloom_dir: Path):
     head.config.eos_token_id = greedy[stop_at]
     stopped = generate(head, backbone, input_ids, GenerationConfig(max_new_tokens=16))
     assert stopped[0].tolist() == greedy[: stop_at + 1]
+
+
+def test_a_subspan_computes_what_a_span_loaded_for_those_blocks_computes(family_dir: Path):
+    whole = load_span(family_dir, 0, 4)
+    part, loaded = whole.subspan(1, 3), load_span(family_dir, 1, 3)
+    assert part.digest == loaded.digest != whole.digest
+    hidden = torch.randn(1, 6, whole.hidden_size, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(part.forward(hidden), loaded.forward(hidden))
+    with pytest.raises(SpanOutOfRange):
+        whole.subspan(2, 5)
