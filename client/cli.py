@@ -11,9 +11,13 @@ import torch
 import typer
 from rich.console import Console
 
-from corolla.client.generation import GenerationConfig, generate
+from corolla.client.generation import Backbone, GenerationConfig, generate
 from corolla.client.head import ClientHead, load_head
 from corolla.client.local import LocalBackbone, even_splits
+from corolla.client.model import DistributedModelForCausalLM
+from corolla.client.remote import RemoteSession
+from corolla.client.session import WorkRecord
+from corolla.client.swarm import DEFAULT_CLIENT_IDENTITY, ClientConfig
 from corolla.errors import InvalidInput
 from corolla.node.checkpoint import parse_span
 
@@ -46,6 +50,9 @@ class TextStream:
 def generate_command(
     prompt: str = typer.Argument(..., help="The text to continue."),
     model: Path = typer.Option(..., "--model", help="Checkpoint directory (the client side)."),
+    initial_peers: list[str] = typer.Option(
+        [], "--initial-peers", help="Multiaddr of a swarm member (repeat, or separate by commas)."
+    ),
     local: bool = typer.Option(False, "--local", help="Run every block in this process."),
     spans: int = typer.Option(2, "--spans", help="With --local: split the blocks in N spans."),
     splits: str | None = typer.Option(
@@ -61,12 +68,22 @@ def generate_command(
     seed: int | None = typer.Option(None, help="Seed for sampling (same seed, same text)."),
     no_eos: bool = typer.Option(False, "--no-eos", help="Do not stop at the end-of-text token."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    receipts: Path | None = typer.Option(
+        None, "--receipts", help="Write every verified (request, receipt) pair as JSON lines."
+    ),
+    identity: Path = typer.Option(
+        DEFAULT_CLIENT_IDENTITY, "--identity", help="The client's Ed25519 key file."
+    ),
+    allow: list[str] = typer.Option([], "--allow", help="Use only these peer ids (repeat)."),
+    block: list[str] = typer.Option([], "--block", help="Never use these peer ids (repeat)."),
+    step_timeout: float = typer.Option(30.0, "--step-timeout", help="Seconds per node step."),
 ) -> None:
     """Generate text after PROMPT, streamed to the terminal as it is produced."""
     if not prompt:
         raise InvalidInput("the prompt is empty: give some text to continue")
-    if not local:
-        raise InvalidInput("say --local to run every block here (the swarm client comes next)")
+    peers = tuple(p for item in initial_peers for p in item.split(",") if p)
+    if local == bool(peers):
+        raise InvalidInput("give either --local or --initial-peers ADDR (where the swarm is)")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=sample or temperature is not None or top_k is not None or top_p is not None,
@@ -78,23 +95,45 @@ def generate_command(
     )
     config.validate()
     started = time.perf_counter()
+    remote: DistributedModelForCausalLM | None = None
     with _status.status("loading the model", spinner="dots"):
-        head = load_head(model)
-        chosen = (
-            [parse_span(part) for part in splits.split(",")]
-            if splits
-            else even_splits(head.num_blocks, spans)
-        )
-        backbone = LocalBackbone.load(model, chosen)
-    loaded = time.perf_counter()
-    input_ids = head.tokenizer(prompt, return_tensors="pt").input_ids  # 1, prompt
-    stream = TextStream(head, enabled=not as_json)
-    if not as_json:
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-    new_ids = generate(head, backbone, input_ids, config, on_tokens=stream)[0]
-    finished = time.perf_counter()
+        if local:
+            head = load_head(model)
+            chosen = (
+                [parse_span(part) for part in splits.split(",")]
+                if splits
+                else even_splits(head.num_blocks, spans)
+            )
+            backbone: Backbone = LocalBackbone.load(model, chosen)
+        else:
+            client_config = ClientConfig(
+                initial_peers=peers,
+                identity=identity,
+                allow=frozenset(allow),
+                block=frozenset(block),
+                step_timeout=step_timeout,
+            )
+            remote = DistributedModelForCausalLM.from_pretrained(model, config=client_config)
+            head, backbone = remote.head, remote.backbone
+    try:
+        loaded = time.perf_counter()
+        input_ids = head.tokenizer(prompt, return_tensors="pt").input_ids  # 1, prompt
+        stream = TextStream(head, enabled=not as_json)
+        if not as_json:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+        new_ids = generate(head, backbone, input_ids, config, on_tokens=stream)[0]
+        finished = time.perf_counter()
+        session = remote.backbone.last_session if remote is not None else None
+    finally:
+        if remote is not None:
+            remote.close()
     text = head.tokenizer.decode(new_ids.tolist(), skip_special_tokens=True)
+    swarm_summary = _swarm_summary(session) if session is not None else None
+    if receipts is not None:
+        if session is None:
+            raise InvalidInput("--receipts needs the swarm: local generation signs nothing")
+        _write_work(receipts, session.work)
     if as_json:
         elapsed = finished - loaded
         result = {
@@ -109,9 +148,53 @@ def generate_command(
                 "tokens_per_s": round(len(new_ids) / elapsed, 2) if elapsed > 0 else None,
             },
         }
+        if swarm_summary is not None:
+            result["swarm"] = swarm_summary
         typer.echo(json.dumps(result))
     else:
         sys.stdout.write("\n")
+        if swarm_summary is not None:
+            _print_summary(swarm_summary)
+
+
+def _swarm_summary(session: RemoteSession) -> dict[str, object]:
+    return {
+        "route": [
+            {"peer_id": hop.peer_id, "blocks": [hop.start, hop.end]} for hop in session.route
+        ],
+        "verified_receipts": len(session.work),
+        "failovers": [
+            {
+                "peer_id": f.peer_id,
+                "blocks": [f.start, f.end],
+                "reason": f.reason,
+                "replacements": list(f.replacements),
+            }
+            for f in session.failovers
+        ],
+    }
+
+
+def _print_summary(summary: dict[str, object]) -> None:
+    route = " -> ".join(
+        f"{hop['peer_id'][-8:]}[{hop['blocks'][0]}:{hop['blocks'][1]}]"  # type: ignore[index]
+        for hop in summary["route"]  # type: ignore[attr-defined]
+    )
+    _status.print(f"route: {route}")
+    _status.print(f"verified receipts: {summary['verified_receipts']}")
+    for failover in summary["failovers"]:  # type: ignore[attr-defined]
+        _status.print(
+            f"failover: {failover['peer_id'][-8:]} blocks {failover['blocks']} replaced by "
+            f"{', '.join(p[-8:] for p in failover['replacements'])} ({failover['reason']})"
+        )
+
+
+def _write_work(path: Path, work: list[WorkRecord]) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    with temp.open("w") as file:
+        for record in work:
+            file.write(json.dumps(record.to_dict()) + "\n")
+    temp.replace(path)
 
 
 def register(app: typer.Typer) -> None:

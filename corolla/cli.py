@@ -47,6 +47,10 @@ def _register() -> None:
     register_node(app)
     register_client(app)
 
+    from corolla.simulations.node_cli import register_simulate
+
+    register_simulate(app)
+
 
 _register()
 

@@ -94,5 +94,8 @@ def info(
 
 
 def register(app: typer.Typer) -> None:
+    from corolla.node.run_cli import register_node_run
+
+    register_node_run(node_app)
     app.add_typer(model_app, name="model")
     app.add_typer(node_app, name="node")

@@ -1,0 +1,151 @@
+"""The client's window on the swarm: the DHT, a P2P handle, node records, round trips, bans."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+
+from corolla.client.bans import BanList
+from corolla.client.routing import Hop, find_route
+from corolla.errors import CorollaError, InvalidInput, NodeUnavailable
+from corolla.node.records import NodeState, ServerRecord, fetch_records
+from corolla.node.wire import request_info
+
+__all__ = ["ClientConfig", "Swarm"]
+
+DEFAULT_CLIENT_IDENTITY = Path.home() / ".corolla" / "client.key"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client joins the swarm and how patient it is with nodes."""
+
+    initial_peers: tuple[str, ...]
+    identity: Path = DEFAULT_CLIENT_IDENTITY
+    connect_timeout: float = 30.0
+    open_timeout: float = 15.0
+    step_timeout: float = 30.0
+    ping_timeout: float = 3.0
+    max_failovers: int = 4
+    """Node failures tolerated in one inference session before giving up."""
+    ban_seconds: float = 15.0
+    allow: frozenset[str] = frozenset()
+    """If not empty, only these peer ids are used."""
+    block: frozenset[str] = frozenset()
+    records_ttl: float = 3.0
+    """Seconds a fetched view of the DHT is reused before it is fetched again."""
+    subspans: bool = True
+    """Use part of a node's span when that makes a cheaper route."""
+
+    def __post_init__(self) -> None:
+        if not self.initial_peers:
+            raise InvalidInput("give at least one initial peer (a multiaddr printed by a node)")
+        for name in ("connect_timeout", "open_timeout", "step_timeout", "ping_timeout"):
+            if not getattr(self, name) > 0:
+                raise InvalidInput(f"{name} must be positive")
+        if self.max_failovers < 0:
+            raise InvalidInput("max_failovers must not be negative")
+
+
+@dataclass
+class _View:
+    fetched_at: float
+    records: list[ServerRecord]
+
+
+class Swarm:
+    """Discovery, liveness and bans, shared by every session of one client."""
+
+    def __init__(self, dht: DHT, p2p: P2P, config: ClientConfig) -> None:
+        self.dht = dht
+        self.p2p = p2p
+        self.config = config
+        self.bans = BanList(base_seconds=config.ban_seconds)
+        self.rtts: dict[str, float] = {}
+        self._views: dict[bytes, _View] = {}
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, config: ClientConfig) -> Swarm:
+        try:
+            dht = await asyncio.to_thread(
+                DHT,
+                initial_peers=list(config.initial_peers),
+                client_mode=True,
+                start=True,
+                startup_timeout=config.connect_timeout,
+            )
+        except Exception as error:
+            raise NodeUnavailable(
+                f"cannot join the swarm through {', '.join(config.initial_peers)}: {error}"
+            ) from None
+        p2p = await dht.replicate_p2p()
+        return cls(dht, p2p, config)
+
+    async def servers(self, model_digest: bytes, num_blocks: int) -> list[ServerRecord]:
+        """Every valid, online record of the model's servers (cached for records_ttl)."""
+        view = self._views.get(model_digest)
+        now = time.monotonic()
+        if view is None or now - view.fetched_at > self.config.records_ttl:
+            per_block = await fetch_records(self.dht, model_digest, num_blocks)
+            unique = {r.peer_id: r for servers in per_block for r in servers.values()}
+            view = _View(now, list(unique.values()))
+            self._views[model_digest] = view
+        return view.records
+
+    def usable(self, record: ServerRecord) -> bool:
+        config = self.config
+        return (
+            record.state == NodeState.ONLINE
+            and not self.bans.is_banned(record.peer_id)
+            and (not config.allow or record.peer_id in config.allow)
+            and record.peer_id not in config.block
+        )
+
+    async def measure(self, records: list[ServerRecord]) -> None:
+        """Ping the usable nodes not yet measured; ban the ones that do not answer."""
+        todo = [r for r in records if self.usable(r) and r.peer_id not in self.rtts]
+        results = await asyncio.gather(*(self._ping(r.peer_id) for r in todo))
+        for record, rtt in zip(todo, results, strict=True):
+            if rtt is None:
+                self.bans.ban(record.peer_id, "did not answer a ping")
+            else:
+                self.rtts[record.peer_id] = rtt
+
+    async def _ping(self, peer_id: str) -> float | None:
+        started = time.perf_counter()
+        try:
+            await request_info(
+                self.p2p, PeerID.from_base58(peer_id), timeout=self.config.ping_timeout
+            )
+        except CorollaError:
+            return None
+        except ValueError:
+            return None  # a peer id that is not base58
+        return time.perf_counter() - started
+
+    async def route(self, model_digest: bytes, num_blocks: int, start: int, end: int) -> list[Hop]:
+        records = await self.servers(model_digest, num_blocks)
+        await self.measure(records)
+        return find_route(
+            records,
+            start,
+            end,
+            rtts=self.rtts,
+            usable=self.usable,
+            subspans=self.config.subspans,
+        )
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.p2p.shutdown()
+        finally:
+            await asyncio.to_thread(self.dht.shutdown)

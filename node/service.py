@@ -1,0 +1,342 @@
+"""The node's RPC service: inference streams, one-shot forwards and info, over hivemind P2P.
+
+Every message is untrusted. A step is checked before anything is computed, in this order:
+message shape and fields; the client's signature; model, span, session and client key; step
+order (a retry of the last step gets its stored reply back); hidden states' dtype and shape
+[batch, tokens, hidden]; ``tokens``; ``position``; room left in the session; then, on the
+compute thread, the input digest and finiteness. Any failure is answered with an error message
+and leaves the session as it was; only a broken framing (the stream is out of sync), an idle
+timeout or an internal failure of the span ends the stream. Compute runs on one worker thread so
+the event loop keeps serving other peers.
+
+What a node does with a step goes through a :class:`Behaviour` (honest here);
+:mod:`corolla.simulations.adversaries` supplies dishonest ones for tests and simulations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+# hivemind's ServicerBase recognises streams only by typing's alias, not collections.abc's.
+from typing import AsyncIterator  # noqa: UP035
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from corolla import PROTOCOL_VERSION, __version__
+from corolla.errors import CorollaError, InvalidInput
+from corolla.node.records import NodeState
+from corolla.node.sessions import Session, SessionConfig, SessionTable
+from corolla.node.span import Span
+from corolla.node.wire import (
+    KIND_FORWARD,
+    KIND_OPEN,
+    NAMESPACE,
+    SERVICE_NAME,
+    ErrorCode,
+    ErrorReply,
+    Message,
+    NodeInfo,
+    OpenSession,
+    SessionOpened,
+    StepMessage,
+    StepOutput,
+    WireLimits,
+    decode_frame,
+    encode_message,
+    receive_frame,
+)
+from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
+from corolla.verify.identity import Identity
+from corolla.verify.receipts import Receipt, StepRequest, make_receipt, verify_request
+
+__all__ = ["Behaviour", "NodeService", "ServiceConfig"]
+
+logger = logging.getLogger("corolla.node")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits of the service: per message (wire) and per node (sessions)."""
+
+    limits: WireLimits = field(default_factory=WireLimits)
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+
+
+class Behaviour:
+    """How a node turns an honest computation into its reply. This one is honest."""
+
+    name = "honest"
+
+    def output(
+        self, step: int, request: StepRequest, hidden_in: torch.Tensor, honest: torch.Tensor
+    ) -> torch.Tensor:
+        """The output the node claims (its receipt names this tensor's digest)."""
+        return honest
+
+    def sign_receipt(
+        self, identity: Identity, request: StepRequest, output_digest: bytes, previous: bytes
+    ) -> Receipt:
+        """The receipt for ``request``, signed with the node's key."""
+        return make_receipt(identity, request, output_digest, previous)
+
+    def sent(self, step: int, request: StepRequest, output: torch.Tensor) -> torch.Tensor:
+        """The tensor actually sent back."""
+        return output
+
+
+class NodeService(ServicerBase):
+    """RPC handlers of a node serving one span. Register with ``add_p2p_handlers(p2p, ...)``.
+
+    ``state`` and ``throughput`` are set by the server process and reported by ``rpc_info``.
+    """
+
+    def __init__(
+        self,
+        span: Span,
+        identity: Identity,
+        config: ServiceConfig | None = None,
+        behaviour: Behaviour | None = None,
+    ) -> None:
+        self.span = span
+        self.identity = identity
+        self.config = config or ServiceConfig()
+        self.behaviour = behaviour or Behaviour()
+        self.sessions: SessionTable[StepOutput] = SessionTable(self.config.sessions)
+        self.state = NodeState.JOINING
+        self.throughput = 0.0
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+
+    async def add_handlers(self, p2p: object) -> None:
+        """Register the rpc_* handlers under the protocol's namespace."""
+        if type(self).__name__ != SERVICE_NAME:
+            raise InvalidInput(f"the service class must be named {SERVICE_NAME}")
+        await self.add_p2p_handlers(p2p, namespace=NAMESPACE)  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.span.dtype).removeprefix("torch.")
+
+    def info(self, peer_id: str) -> NodeInfo:
+        span = self.span
+        return NodeInfo(
+            peer_id=peer_id,
+            public_key=self.identity.public_key,
+            model_digest=span.model_digest,
+            span_digest=span.digest,
+            start=span.start,
+            end=span.end,
+            family=span.family.name,
+            hidden_size=span.hidden_size,
+            dtype=self.dtype_name,
+            quant=span.quant,
+            max_length=span.max_length,
+            throughput=self.throughput,
+            cache_tokens_total=self.sessions.config.max_cache_tokens,
+            cache_tokens_free=self.sessions.free_tokens,
+            sessions=len(self.sessions),
+            state=self.state,
+            version=__version__,
+        )
+
+    # ----------------------------------------------------------------------- RPCs
+
+    async def rpc_info(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        (part,) = encode_message(
+            self.info(context.local_id.to_base58()).to_message(), runtime_pb2.ExpertResponse
+        )
+        return part
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        limits = self.config.limits
+        try:
+            async with asyncio.timeout(self.config.sessions.idle_timeout):
+                frame = await receive_frame(requests, limits)
+            if frame is None:
+                return
+            step = StepMessage.from_message(decode_frame(frame, limits), KIND_FORWARD)
+            reply = (await self._forward(step)).to_message()
+        except (CorollaError, TimeoutError) as error:
+            reply = _refusal(error, context)
+        except Exception as error:
+            logger.exception("rpc_forward failed")
+            reply = ErrorReply.from_error(error).to_message()
+        for part in encode_message(reply, runtime_pb2.ExpertResponse, limits.part_bytes):
+            yield part
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        limits = self.config.limits
+        idle = self.config.sessions.idle_timeout
+        session: Session[StepOutput] | None = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        frame = await receive_frame(requests, limits)
+                except TimeoutError:
+                    text = f"no message for {idle:g} s: session closed"
+                    yield _part(ErrorReply(ErrorCode.TIMEOUT, text).to_message(), limits)
+                    return
+                except InvalidInput as error:
+                    text = f"unreadable message, closing the stream: {error}"
+                    yield _part(ErrorReply(ErrorCode.INVALID, text).to_message(), limits)
+                    return
+                if frame is None:
+                    return
+                fatal = False
+                try:
+                    message = decode_frame(frame, limits)
+                    if session is None:
+                        session = self._open(message)
+                        reply = _opened(session)
+                    else:
+                        reply = (await self._step(session, message)).to_message()
+                except CorollaError as error:
+                    reply = _refusal(error, context)
+                except Exception as error:
+                    # The span failed half-way: the cache can no longer be trusted.
+                    logger.exception("inference step failed")
+                    reply, fatal = ErrorReply.from_error(error).to_message(), True
+                for part in encode_message(reply, runtime_pb2.ExpertResponse, limits.part_bytes):
+                    yield part
+                if fatal:
+                    return
+        finally:
+            if session is not None:
+                self.sessions.close(session.session_id)
+
+    # ----------------------------------------------------------------------- steps
+
+    def _open(self, message: Message) -> Session[StepOutput]:
+        if message.kind != KIND_OPEN:
+            raise InvalidInput(f"unknown session: a {message.kind[:40]!r} before opening one")
+        request = OpenSession.from_message(message)
+        span = self.span
+        if (request.start, request.end) != (span.start, span.end):
+            raise InvalidInput(
+                f"this node serves blocks [{span.start}, {span.end}), "
+                f"not [{request.start}, {request.end})"
+            )
+        if request.max_length > span.max_length:
+            raise InvalidInput(
+                f"max_length {request.max_length} exceeds the model's {span.max_length}"
+            )
+        return self.sessions.open(
+            request.session_id,
+            request.client_key,
+            request.batch_size,
+            request.max_length,
+            span.new_cache(request.batch_size),
+        )
+
+    def _check_request(self, request: StepRequest, hidden: torch.Tensor) -> tuple[int, int]:
+        """Checks that need no session; returns (batch, tokens per sequence)."""
+        span = self.span
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise InvalidInput(f"protocol version {request.protocol_version} is not supported")
+        if request.model_digest != span.model_digest:
+            raise InvalidInput("the request names another model than this node serves")
+        if (request.start, request.end) != (span.start, span.end):
+            raise InvalidInput(f"the request names blocks other than [{span.start}, {span.end})")
+        if request.span_digest != span.digest:
+            raise InvalidInput("the request's span digest differs from this node's span")
+        span.check_hidden(hidden)
+        batch, new = hidden.shape[0], hidden.shape[1]
+        if request.tokens != batch * new:
+            raise InvalidInput(
+                f"request claims {request.tokens} tokens, hidden states hold {batch * new}"
+            )
+        return batch, new
+
+    async def _step(self, session: Session[StepOutput], message: Message) -> StepOutput:
+        step = StepMessage.from_message(message)
+        request, hidden = step.request, step.hidden
+        verify_request(request)
+        if request.session_id != session.session_id:
+            raise InvalidInput(
+                "unknown session: the request names a session not open on this stream"
+            )
+        if request.client_key != session.client_key:
+            raise InvalidInput("the request is signed by another client than the session's")
+        stored = session.replay_of(request)
+        if stored is not None:
+            return stored
+        batch, new = self._check_request(request, hidden)
+        if batch != session.batch_size:
+            raise InvalidInput(f"batch of {batch} sent to a session of batch {session.batch_size}")
+        if request.position != session.position:
+            raise InvalidInput(
+                f"request is at position {request.position}, the session at {session.position}"
+            )
+        if session.past_length + new > session.max_length:
+            raise InvalidInput(
+                f"{session.past_length} + {new} tokens exceed the session's max length "
+                f"of {session.max_length}"
+            )
+        reply = await self._run(request, hidden, session)
+        session.advance(request, reply, reply.receipt.chain_digest)
+        return reply
+
+    async def _forward(self, step: StepMessage) -> StepOutput:
+        request, hidden = step.request, step.hidden
+        verify_request(request)
+        _, new = self._check_request(request, hidden)
+        if request.position != 0:
+            raise InvalidInput("a one-shot forward starts at position 0")
+        if new > self.span.max_length:
+            raise InvalidInput(f"{new} tokens exceed the model's context of {self.span.max_length}")
+        return await self._run(request, hidden, None)
+
+    async def _run(
+        self, request: StepRequest, hidden: torch.Tensor, session: Session[StepOutput] | None
+    ) -> StepOutput:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._compute, self._compute_step, request, hidden, session
+        )
+
+    def _compute_step(
+        self, request: StepRequest, hidden: torch.Tensor, session: Session[StepOutput] | None
+    ) -> StepOutput:
+        """On the compute thread: last input checks, the forward pass, the receipt."""
+        if tensor_digest(hidden) != request.input_digest:
+            raise InvalidInput("the hidden states do not match the request's input digest")
+        if not bool(torch.isfinite(hidden).all()):
+            raise InvalidInput("the hidden states contain NaN or infinity")
+        honest = self.span.forward(hidden, session.cache if session is not None else None)
+        behaviour = self.behaviour
+        output = behaviour.output(request.step, request, hidden, honest)
+        previous = session.chain if session is not None else GENESIS_CHAIN
+        receipt = behaviour.sign_receipt(self.identity, request, tensor_digest(output), previous)
+        return StepOutput(receipt, behaviour.sent(request.step, request, output))
+
+
+def _opened(session: Session[StepOutput]) -> Message:
+    return SessionOpened(
+        session.session_id, session.batch_size, session.max_length, session.reserved_tokens
+    ).to_message()
+
+
+def _refusal(error: BaseException, context: P2PContext) -> Message:
+    logger.info("refused a request from %s: %s", context.remote_id, error)
+    if isinstance(error, TimeoutError):
+        return ErrorReply(ErrorCode.TIMEOUT, "no request arrived in time").to_message()
+    return ErrorReply.from_error(error).to_message()  # type: ignore[arg-type]
+
+
+def _part(message: Message, limits: WireLimits) -> runtime_pb2.ExpertResponse:
+    (part,) = encode_message(message, runtime_pb2.ExpertResponse, limits.part_bytes)
+    return part
