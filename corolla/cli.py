@@ -51,6 +51,10 @@ def _register() -> None:
 
     register_simulate(app)
 
+    from corolla.demo import register as register_demo
+
+    register_demo(app)
+
 
 _register()
 
