@@ -12,7 +12,7 @@ from hivemind.p2p import P2P, PeerID
 
 from corolla.client.bans import BanList
 from corolla.client.routing import Hop, find_route
-from corolla.errors import CorollaError, InvalidInput, NodeUnavailable
+from corolla.errors import CorollaError, InvalidInput, NodeUnavailable, RouteUnavailable
 from corolla.node.records import NodeState, ServerRecord, fetch_records
 from corolla.node.wire import request_info
 
@@ -87,11 +87,13 @@ class Swarm:
         p2p = await dht.replicate_p2p()
         return cls(dht, p2p, config)
 
-    async def servers(self, model_digest: bytes, num_blocks: int) -> list[ServerRecord]:
+    async def servers(
+        self, model_digest: bytes, num_blocks: int, fresh: bool = False
+    ) -> list[ServerRecord]:
         """Every valid, online record of the model's servers (cached for records_ttl)."""
         view = self._views.get(model_digest)
         now = time.monotonic()
-        if view is None or now - view.fetched_at > self.config.records_ttl:
+        if fresh or view is None or now - view.fetched_at > self.config.records_ttl:
             per_block = await fetch_records(self.dht, model_digest, num_blocks)
             unique = {r.peer_id: r for servers in per_block for r in servers.values()}
             view = _View(now, list(unique.values()))
@@ -130,16 +132,23 @@ class Swarm:
         return time.perf_counter() - started
 
     async def route(self, model_digest: bytes, num_blocks: int, start: int, end: int) -> list[Hop]:
-        records = await self.servers(model_digest, num_blocks)
-        await self.measure(records)
-        return find_route(
-            records,
-            start,
-            end,
-            rtts=self.rtts,
-            usable=self.usable,
-            subspans=self.config.subspans,
-        )
+        """The cheapest usable chain over [start, end); the view is refreshed once if none."""
+        for fresh in (False, True):
+            records = await self.servers(model_digest, num_blocks, fresh=fresh)
+            await self.measure(records)
+            try:
+                return find_route(
+                    records,
+                    start,
+                    end,
+                    rtts=self.rtts,
+                    usable=self.usable,
+                    subspans=self.config.subspans,
+                )
+            except RouteUnavailable:
+                if fresh:
+                    raise
+        raise RouteUnavailable("unreachable")  # the loop always returns or raises
 
     async def shutdown(self) -> None:
         if self._closed:

@@ -1,0 +1,177 @@
+"""Generation through a loopback swarm against local generation, with and without signatures.
+
+    python benchmarks/swarm_generation.py [--tokens 64] [--repeats 3] [--layers 8] [--hidden 256]
+
+Measures in one run, on a tiny BLOOM (8 layers, hidden 256 by default): tokens/s and the
+median / p90 latency of one decode step, for local generation (all blocks in this process),
+for 2 and 3 nodes (real `corolla node run` processes on 127.0.0.1), and for the same swarms
+with receipt signing and checking switched off (COROLLA_BENCHMARK_UNSIGNED=1 on both sides: an
+internal switch for this benchmark only; a client without it rejects such a node). Also the
+stall of one mid-session failover (SIGKILL of a node that has a replacement). Prints ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers.utils import logging as hf_logging
+
+from corolla.client.generation import Backbone, GenerationConfig, iterate_tokens
+from corolla.client.head import ClientHead, load_head
+from corolla.client.local import LocalBackbone
+from corolla.client.model import DistributedModelForCausalLM
+from corolla.client.swarm import ClientConfig
+from corolla.node.launcher import LocalSwarm
+from corolla.node.tiny import TinyModelConfig, create_tiny_model
+
+UNSIGNED = "COROLLA_BENCHMARK_UNSIGNED"
+
+
+def timed_generation(head: ClientHead, backbone: Backbone, tokens: int) -> list[float]:
+    """Seconds between consecutive tokens (the first entry covers the prefill)."""
+    input_ids = head.tokenizer("Benchmarking the swarm", return_tensors="pt").input_ids
+    config = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False)
+    stamps = [time.perf_counter()]
+    for _ in iterate_tokens(head, backbone, input_ids, config):
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def summarize(runs: list[list[float]]) -> dict[str, float]:
+    decode = sorted(step for run in runs for step in run[1:])
+    rates = [len(run) / sum(run) for run in runs]
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "median_ms": 1000 * statistics.median(decode),
+        "p90_ms": 1000 * decode[int(0.9 * (len(decode) - 1))],
+    }
+
+
+def measure(head: ClientHead, backbone: Backbone, tokens: int, repeats: int) -> dict[str, float]:
+    timed_generation(head, backbone, 4)  # warm-up: routes, connections, caches
+    return summarize([timed_generation(head, backbone, tokens) for _ in range(repeats)])
+
+
+def swarm_figures(
+    model_dir: Path, workdir: Path, spans: list[str], unsigned: bool, args: argparse.Namespace
+) -> dict[str, float]:
+    env = {UNSIGNED: "1" if unsigned else "0"}
+    previous = os.environ.get(UNSIGNED)
+    os.environ[UNSIGNED] = env[UNSIGNED]
+    try:
+        with LocalSwarm(workdir) as swarm:
+            for blocks in spans:
+                swarm.start(model_dir, blocks=blocks, env=env)
+            config = ClientConfig(
+                initial_peers=tuple(swarm.initial_peers), identity=workdir / "client.key"
+            )
+            with DistributedModelForCausalLM.from_pretrained(model_dir, config=config) as model:
+                return measure(model.head, model.backbone, args.tokens, args.repeats)
+    finally:
+        if previous is None:
+            os.environ.pop(UNSIGNED, None)
+        else:
+            os.environ[UNSIGNED] = previous
+
+
+def failover_stall(model_dir: Path, workdir: Path, tokens: int) -> tuple[float, float]:
+    """(median decode step, the step during which the routed node was SIGKILLed), seconds."""
+    with LocalSwarm(workdir) as swarm:
+        swarm.start(model_dir, blocks="0:4")
+        swarm.start(model_dir, blocks="4:8")
+        swarm.start(model_dir, blocks="4:8")
+        by_peer = {node.peer_id: node for node in swarm.nodes}
+        config = ClientConfig(
+            initial_peers=tuple(swarm.initial_peers), identity=workdir / "client.key"
+        )
+        with DistributedModelForCausalLM.from_pretrained(model_dir, config=config) as model:
+            head = model.head
+            input_ids = head.tokenizer("Failover", return_tensors="pt").input_ids
+            gen = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False)
+            stamps, kill_at = [time.perf_counter()], tokens // 2
+            for index, _ in enumerate(iterate_tokens(head, model.backbone, input_ids, gen)):
+                stamps.append(time.perf_counter())
+                if index + 1 == kill_at:
+                    by_peer[model.backbone.last_session.route[-1].peer_id].kill()
+            steps = [b - a for a, b in itertools.pairwise(stamps)]
+            if not model.backbone.last_session.failovers:
+                raise RuntimeError("the benchmark's failover did not happen")
+    return statistics.median(steps[1:]), steps[kill_at]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)  # the nodes run with one thread each; be fair to local
+    console = Console()
+    rows: list[tuple[str, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory() as temp:
+        tiny = TinyModelConfig(num_layers=args.layers, hidden_size=args.hidden)
+        model_dir = create_tiny_model(Path(temp) / "model", tiny)
+        head = load_head(model_dir)
+        with console.status("local generation"):
+            local = measure(
+                head, LocalBackbone.load(model_dir, [(0, args.layers)]), args.tokens, args.repeats
+            )
+        rows.append(("local (all blocks here)", local))
+        half, third = args.layers // 2, args.layers // 3
+        layouts = {
+            "2 nodes": [f"0:{half}", f"{half}:{args.layers}"],
+            "3 nodes": [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{args.layers}"],
+        }
+        for name, spans in layouts.items():
+            for unsigned in (False, True):
+                label = f"{name}, {'no signatures' if unsigned else 'signed + checked'}"
+                with console.status(label):
+                    figures = swarm_figures(
+                        model_dir, Path(temp) / label.replace(" ", "_"), spans, unsigned, args
+                    )
+                rows.append((label, figures))
+        with console.status("failover stall"):
+            median_step, stalled_step = failover_stall(model_dir, Path(temp) / "fo", args.tokens)
+
+    table = Table(
+        title=f"{args.tokens} new tokens, tiny BLOOM {args.layers} x {args.hidden}, "
+        f"median of {args.repeats} runs"
+    )
+    for column in ("path", "tokens/s", "vs local", "step median ms", "step p90 ms"):
+        table.add_column(column)
+    for label, figures in rows:
+        table.add_row(
+            label,
+            f"{figures['tokens_per_s']:.1f}",
+            f"{figures['tokens_per_s'] / local['tokens_per_s']:.2f}x",
+            f"{figures['median_ms']:.2f}",
+            f"{figures['p90_ms']:.2f}",
+        )
+    console.print(table)
+    by_label = dict(rows)
+    for name in ("2 nodes", "3 nodes"):
+        signed = by_label[f"{name}, signed + checked"]["tokens_per_s"]
+        unsigned = by_label[f"{name}, no signatures"]["tokens_per_s"]
+        console.print(
+            f"{name}: signing and checking cost {100 * (1 - signed / unsigned):.1f} % of tokens/s"
+        )
+    console.print(
+        f"failover: the step during which a node was SIGKILLed took {stalled_step:.3f} s "
+        f"(median step {1000 * median_step:.2f} ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()
