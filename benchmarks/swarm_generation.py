@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from corolla.client.generation import Backbone, GenerationConfig, iterate_tokens
+from corolla.client.generation import Backbone, GenerationConfig, generate
 from corolla.client.head import ClientHead, load_head
 from corolla.client.local import LocalBackbone
 from corolla.client.model import DistributedModelForCausalLM
@@ -41,8 +41,9 @@ def timed_generation(head: ClientHead, backbone: Backbone, tokens: int) -> list[
     input_ids = head.tokenizer("Benchmarking the swarm", return_tensors="pt").input_ids
     config = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False)
     stamps = [time.perf_counter()]
-    for _ in iterate_tokens(head, backbone, input_ids, config):
-        stamps.append(time.perf_counter())
+    generate(
+        head, backbone, input_ids, config, on_tokens=lambda _: stamps.append(time.perf_counter())
+    )
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
@@ -98,10 +99,13 @@ def failover_stall(model_dir: Path, workdir: Path, tokens: int) -> tuple[float, 
             input_ids = head.tokenizer("Failover", return_tensors="pt").input_ids
             gen = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False)
             stamps, kill_at = [time.perf_counter()], tokens // 2
-            for index, _ in enumerate(iterate_tokens(head, model.backbone, input_ids, gen)):
+
+            def on_tokens(_: torch.Tensor) -> None:
                 stamps.append(time.perf_counter())
-                if index + 1 == kill_at:
+                if len(stamps) - 1 == kill_at:
                     by_peer[model.backbone.last_session.route[-1].peer_id].kill()
+
+            generate(head, model.backbone, input_ids, gen, on_tokens=on_tokens)
             steps = [b - a for a, b in itertools.pairwise(stamps)]
             if not model.backbone.last_session.failovers:
                 raise RuntimeError("the benchmark's failover did not happen")

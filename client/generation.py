@@ -7,7 +7,7 @@ wherever the hidden states were computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,9 +15,16 @@ from typing import Protocol
 import torch
 
 from corolla.client.head import ClientHead
-from corolla.errors import InvalidInput
+from corolla.errors import InvalidInput, SessionError
 
-__all__ = ["Backbone", "GenerationConfig", "InferenceSession", "generate", "next_tokens"]
+__all__ = [
+    "Backbone",
+    "GenerationConfig",
+    "InferenceSession",
+    "Rewind",
+    "generate",
+    "next_tokens",
+]
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,31 @@ class GenerationConfig:
             raise InvalidInput("top-p must be in (0, 1]")
 
 
+class Rewind(Exception):
+    """A session proved some of its earlier outputs wrong and recomputed them honestly.
+
+    It now holds the first `kept` positions; `hidden` [batch, 1, hidden] is the honest output
+    at position kept - 1. Whatever the caller derived from later outputs must be dropped.
+    """
+
+    def __init__(self, kept: int, hidden: torch.Tensor) -> None:
+        super().__init__(f"rewound to {kept} positions")
+        self.kept = kept
+        self.hidden = hidden
+
+
 class InferenceSession(Protocol):
     """One pass through all blocks, keeping caches between steps."""
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [batch, new, hidden] -> [batch, new, hidden], after all earlier steps."""
+        """hidden [batch, new, hidden] -> [batch, new, hidden], after all earlier steps.
+
+        May raise Rewind.
+        """
+        ...
+
+    def finish(self) -> None:
+        """Called once no more steps are needed (pending checks are settled); may raise Rewind."""
         ...
 
 
@@ -84,22 +111,16 @@ def generate(
     input_ids: torch.Tensor,
     config: GenerationConfig,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
+    on_rewind: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Generate up to `config.max_new_tokens` after input_ids [batch, prompt]; returns [batch, new].
 
     `on_tokens` receives each step's new tokens [batch] as soon as they exist (for streaming).
+    If the backbone proves earlier outputs wrong (Rewind), the tokens derived from them are
+    dropped, `on_rewind` is told how many generated tokens were kept, and generation resumes
+    from there with the sampler's state restored, so the result is what an honest run gives.
     A sequence that reached EOS is padded with the pad token until every sequence has.
     """
-    return torch.stack(list(iterate_tokens(head, backbone, input_ids, config, on_tokens)), dim=1)
-
-
-def iterate_tokens(
-    head: ClientHead,
-    backbone: Backbone,
-    input_ids: torch.Tensor,
-    config: GenerationConfig,
-    on_tokens: Callable[[torch.Tensor], None] | None = None,
-) -> Iterator[torch.Tensor]:
     config.validate()
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise InvalidInput("the prompt is empty: give at least one token")
@@ -114,19 +135,43 @@ def iterate_tokens(
     if config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
     eos = head.eos_token_id if config.stop_at_eos else None
-    finished = torch.zeros(batch, dtype=torch.bool)
+    produced: list[torch.Tensor] = []  # one [batch] per step
+    sampler_states: list[torch.Tensor] = []  # generator state before each token was drawn
+
+    def finished() -> torch.Tensor:
+        done = torch.zeros(batch, dtype=torch.bool)
+        if eos is not None:
+            for tokens in produced:
+                done |= tokens == eos
+        return done
+
     with backbone.inference_session(batch, max_length) as session:
         hidden = head.embed(input_ids)  # batch, prompt, hidden
-        for produced in range(config.max_new_tokens):
-            output = session.step(hidden)  # batch, new, hidden
+        while True:
+            try:
+                if len(produced) == config.max_new_tokens or bool(finished().all()):
+                    session.finish()
+                    break
+                output = session.step(hidden)  # batch, new, hidden
+            except Rewind as rewind:
+                kept = rewind.kept - prompt_length
+                if kept < 0:
+                    raise SessionError("a rewind may not drop prompt positions") from None
+                del produced[kept:]
+                if generator is not None and kept < len(sampler_states):
+                    generator.set_state(sampler_states[kept])
+                del sampler_states[kept:]
+                if on_rewind is not None:
+                    on_rewind(kept)
+                output = rewind.hidden
             logits = head.logits(output[:, -1:, :])[:, -1, :]  # batch, vocab
+            done = finished()
+            if generator is not None:
+                sampler_states.append(generator.get_state())
             tokens = next_tokens(logits, config, generator)  # batch
-            tokens = torch.where(finished, torch.full_like(tokens, head.pad_token_id), tokens)
-            if eos is not None:
-                finished |= tokens == eos
+            tokens = torch.where(done, torch.full_like(tokens, head.pad_token_id), tokens)
+            produced.append(tokens)
             if on_tokens is not None:
                 on_tokens(tokens)
-            yield tokens
-            if bool(finished.all()) or produced + 1 == config.max_new_tokens:
-                return
             hidden = head.embed(tokens.unsqueeze(1))  # batch, 1, hidden
+    return torch.stack(produced, dim=1)

@@ -41,6 +41,9 @@ class LocalSession:
             hidden = span.forward(hidden, cache)  # batch, new, hidden
         return hidden
 
+    def finish(self) -> None:
+        """Nothing to settle: local spans are trusted."""
+
     def close(self) -> None:
         self._caches = None
 

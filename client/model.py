@@ -23,10 +23,13 @@ from corolla.client.head import ClientHead, load_head
 from corolla.client.remote import RemoteBackbone, RemoteSession
 from corolla.client.runtime import BackgroundLoop
 from corolla.client.session import WorkRecord
+from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig, Swarm
 from corolla.verify.identity import load_or_create_identity
 
-__all__ = ["DistributedModelForCausalLM"]
+__all__ = ["DEFAULT_CHECKS", "DistributedModelForCausalLM"]
+
+DEFAULT_CHECKS = SpotCheckConfig()
 
 
 class DistributedModelForCausalLM:
@@ -41,8 +44,13 @@ class DistributedModelForCausalLM:
         model_dir: str | Path,
         initial_peers: Sequence[str] = (),
         config: ClientConfig | None = None,
+        checks: SpotCheckConfig | None = DEFAULT_CHECKS,
     ) -> DistributedModelForCausalLM:
-        """Load the client side of `model_dir` and join the swarm through `initial_peers`."""
+        """Load the client side of `model_dir` and join the swarm through `initial_peers`.
+
+        `checks` sets the spot-checks (5 % of steps, and every node once per session, by
+        default); None switches them off.
+        """
         config = config or ClientConfig(initial_peers=tuple(initial_peers))
         head = load_head(model_dir)
         identity = load_or_create_identity(config.identity)
@@ -52,7 +60,7 @@ class DistributedModelForCausalLM:
         except BaseException:
             loop.close()
             raise
-        return cls(head, RemoteBackbone(swarm, head.manifest, identity, loop), loop)
+        return cls(head, RemoteBackbone(swarm, head.manifest, identity, loop, checks), loop)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -63,10 +71,11 @@ class DistributedModelForCausalLM:
         input_ids: torch.Tensor,
         config: GenerationConfig | None = None,
         on_tokens: Callable[[torch.Tensor], None] | None = None,
+        on_rewind: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """New token ids [batch, new] after input_ids [batch, prompt]."""
+        """New token ids [batch, new] after input_ids [batch, prompt] (see generation.generate)."""
         return generate(
-            self.head, self.backbone, input_ids, config or GenerationConfig(), on_tokens
+            self.head, self.backbone, input_ids, config or GenerationConfig(), on_tokens, on_rewind
         )
 
     @contextmanager

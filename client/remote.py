@@ -7,8 +7,10 @@ from contextlib import contextmanager
 
 import torch
 
+from corolla.client.routing import Hop
 from corolla.client.runtime import BackgroundLoop
-from corolla.client.session import SwarmSession
+from corolla.client.session import Failover, SwarmSession, WorkRecord
+from corolla.client.spotcheck import CheckOutcome, SpotCheckConfig, SpotChecker
 from corolla.client.swarm import Swarm
 from corolla.node.manifest import Manifest
 from corolla.verify.identity import Identity
@@ -26,26 +28,45 @@ class RemoteSession:
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._loop.run(self.core.step(hidden))
 
+    def finish(self) -> None:
+        self._loop.run(self.core.finish())
+
     @property
-    def route(self):
+    def route(self) -> list[Hop]:
         return self.core.route
 
     @property
-    def work(self):
+    def work(self) -> list[WorkRecord]:
         return self.core.work
 
     @property
-    def failovers(self):
+    def failovers(self) -> list[Failover]:
         return self.core.failovers
+
+    @property
+    def checks(self) -> list[CheckOutcome]:
+        return self.core.checks
+
+    @property
+    def rewinds(self) -> list[CheckOutcome]:
+        return self.core.rewinds
 
 
 class RemoteBackbone:
     """Every block of a model, served by the swarm."""
 
     def __init__(
-        self, swarm: Swarm, manifest: Manifest, identity: Identity, loop: BackgroundLoop
+        self,
+        swarm: Swarm,
+        manifest: Manifest,
+        identity: Identity,
+        loop: BackgroundLoop,
+        checks: SpotCheckConfig | None = None,
     ) -> None:
         self.swarm = swarm
+        self.checker = (
+            SpotChecker(swarm, manifest, identity, checks) if checks is not None else None
+        )
         self.manifest = manifest
         self.identity = identity
         self._loop = loop
@@ -53,7 +74,9 @@ class RemoteBackbone:
 
     @contextmanager
     def inference_session(self, batch_size: int, max_length: int) -> Iterator[RemoteSession]:
-        core = SwarmSession(self.swarm, self.manifest, self.identity, batch_size, max_length)
+        core = SwarmSession(
+            self.swarm, self.manifest, self.identity, batch_size, max_length, self.checker
+        )
         session = RemoteSession(core, self._loop)
         self.last_session = session
         try:

@@ -11,16 +11,19 @@ that node had seen (as one prefill), and the step is retried. Failures are bound
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 from hivemind.p2p import PeerID
 
 from corolla import PROTOCOL_VERSION
+from corolla.client.generation import Rewind
 from corolla.client.routing import Hop
+from corolla.client.spotcheck import CheckOutcome, SpotChecker
 from corolla.client.swarm import Swarm
 from corolla.errors import (
     BadReceipt,
@@ -33,6 +36,7 @@ from corolla.errors import (
 from corolla.node.manifest import Manifest
 from corolla.node.wire import InferenceStream, OpenSession, StepMessage
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
+from corolla.verify.evidence import StepClaim
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest, sign_request, verify_receipt
 
@@ -92,6 +96,10 @@ class _Link:
     step: int = 0
     position: int = 0
     chain: bytes = GENESIS_CHAIN
+    claims: list[StepClaim] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # per-sequence position of each step
+    verified: int = 0  # leading steps covered by a passed spot-check
+    checked: bool = False
 
 
 class SwarmSession:
@@ -104,8 +112,13 @@ class SwarmSession:
         identity: Identity,
         batch_size: int,
         max_length: int,
+        checker: SpotChecker | None = None,
     ) -> None:
         self.swarm = swarm
+        self.checker = checker
+        self.checks: list[CheckOutcome] = []
+        self._pending: list[tuple[_Link, asyncio.Task[CheckOutcome]]] = []
+        self._first_length = 0
         self.manifest = manifest
         self.identity = identity
         self.batch_size = batch_size
@@ -117,6 +130,7 @@ class SwarmSession:
         self._history: dict[int, list[torch.Tensor]] = {}
         self.failovers: list[Failover] = []
         self.faults: list[str] = []
+        self.rewinds: list[CheckOutcome] = []
         self._closed = False
         self._unsigned = os.environ.get(BENCHMARK_UNSIGNED_ENV) == "1"
         self._signer = cast(
@@ -128,12 +142,17 @@ class SwarmSession:
         return [link.hop for link in self._links]
 
     async def open(self) -> None:
-        self._links = await self._build(0, self.manifest.num_blocks, replay=False)
+        self._links, _ = await self._build(0, self.manifest.num_blocks, replay=False)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [batch, new, hidden] -> [batch, new, hidden] through every block."""
+        """hidden [batch, new, hidden] -> [batch, new, hidden] through every block.
+
+        Raises Rewind (after recomputing honestly) when a spot-check proved that a node's
+        earlier outputs were wrong: the caller drops what it derived after `Rewind.kept`.
+        """
         if self._closed:
             raise SessionError("this inference session is closed")
+        await self._settle(wait=False)
         if hidden.dim() != 3 or hidden.shape[0] != self.batch_size:
             raise InvalidInput(f"expected hidden states [{self.batch_size}, tokens, hidden]")
         if self.past_length + hidden.shape[1] > self.max_length:
@@ -148,14 +167,28 @@ class SwarmSession:
                 self._links[index : index + 1] = replacements
                 continue
             self._history.setdefault(link.hop.start, []).append(x)
+            if self.checker is not None and self.checker.wants_check():
+                self._schedule_check(link)
             x, index = y, index + 1
+        if not self._first_length:
+            self._first_length = hidden.shape[1]
         self.past_length += hidden.shape[1]
         return x
+
+    async def finish(self) -> None:
+        """Check every node at least once, wait for the checks; may raise Rewind."""
+        if self.checker is not None and self.checker.config.at_least_once:
+            for link in self._links:
+                if link.claims and not link.checked:
+                    self._schedule_check(link)
+        await self._settle(wait=True)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for _, task in self._pending:
+            task.cancel()
         for link in self._links:
             with contextlib.suppress(Exception):
                 await link.stream.close()
@@ -212,6 +245,8 @@ class SwarmSession:
                 previous_chain=link.chain,
                 node_key=hop.record.public_key,
             )
+        link.claims.append(StepClaim(request, reply.receipt, x, y))
+        link.starts.append(link.position // self.batch_size)
         link.step += 1
         link.position += tokens
         link.chain = reply.receipt.chain_digest
@@ -220,7 +255,9 @@ class SwarmSession:
 
     # ------------------------------------------------------------------ routing and failover
 
-    async def _build(self, start: int, end: int, *, replay: bool) -> list[_Link]:
+    async def _build(
+        self, start: int, end: int, *, replay: bool
+    ) -> tuple[list[_Link], torch.Tensor | None]:
         """Open links covering [start, end); with `replay`, rebuild their caches from history.
 
         A node that fails while this happens is banned and the whole range routed again,
@@ -239,7 +276,7 @@ class SwarmSession:
                     if x is not None:
                         self._history[hop.start] = [x]
                         x = await self._forward(link, x)
-                return links
+                return links, x
             except _NODE_FAULTS as error:
                 for link in links:
                     await link.stream.abort()
@@ -248,7 +285,7 @@ class SwarmSession:
     async def _replace(self, link: _Link, error: Exception) -> list[_Link]:
         await link.stream.abort()
         reason = self._strike(link.hop, error)
-        links = await self._build(link.hop.start, link.hop.end, replay=True)
+        links, _ = await self._build(link.hop.start, link.hop.end, replay=True)
         peers = tuple(new.hop.peer_id for new in links)
         self.failovers.append(
             Failover(link.hop.peer_id, link.hop.start, link.hop.end, reason, peers)
@@ -266,6 +303,57 @@ class SwarmSession:
                 f"{hop.peer_id} (blocks {hop.start}:{hop.end}) {reason}"
             ) from error
         return reason
+
+    # ------------------------------------------------------------------ spot-checks and rewinds
+
+    def _schedule_check(self, link: _Link) -> None:
+        if self.checker is None:
+            return
+        link.checked = True
+        task = asyncio.ensure_future(self.checker.check(link.hop, tuple(link.claims)))
+        self._pending.append((link, task))
+
+    async def _settle(self, *, wait: bool) -> None:
+        """Collect finished checks (all of them if `wait`); rewind if a node was caught."""
+        if not self._pending:
+            return
+        if wait:
+            timeout = self.checker.config.timeout * 3 if self.checker else None
+            await asyncio.wait([task for _, task in self._pending], timeout=timeout)
+        caught: tuple[_Link, CheckOutcome] | None = None
+        still: list[tuple[_Link, asyncio.Task[CheckOutcome]]] = []
+        for link, task in self._pending:
+            if not task.done():
+                still.append((link, task))
+                continue
+            outcome = task.result()
+            self.checks.append(outcome)
+            if outcome.passed:
+                link.verified = max(link.verified, outcome.steps)
+            elif outcome.verdict == "caught" and caught is None:
+                caught = (link, outcome)
+        self._pending = still
+        if caught is not None:
+            await self._rewind(*caught)
+
+    async def _rewind(self, link: _Link, outcome: CheckOutcome) -> None:
+        """Drop everything after the caught node's last verified step; recompute honestly."""
+        first_bad = link.starts[min(link.verified, len(link.starts) - 1)]
+        kept = min(self.past_length, max(first_bad + 1, self._first_length))
+        base = torch.cat(self._history[0], dim=1)[:, :kept]  # the client's own embeddings
+        for _, task in self._pending:
+            task.cancel()
+        self._pending = []
+        for old in self._links:
+            await old.stream.abort()
+        self.session_id = os.urandom(16)  # a new session on every node, caches built afresh
+        self._history = {0: [base]}
+        self._links, output = await self._build(0, self.manifest.num_blocks, replay=True)
+        self.past_length = kept
+        if output is None:
+            raise SessionError("nothing to recompute after a rewind")
+        self.rewinds.append(outcome)
+        raise Rewind(kept, output[:, -1:, :])
 
     def _replay_input(self, boundary: int) -> torch.Tensor | None:
         """Every input that entered blocks at `boundary` so far, as one [batch, past, hidden]."""
