@@ -44,8 +44,11 @@ def _register() -> None:
     from corolla.client.cli import register as register_client
     from corolla.node.cli import register as register_node
 
+    from corolla.ledger.cli import register as register_ledger
+
     register_node(app)
     register_client(app)
+    register_ledger(app)
 
     from corolla.simulations.node_cli import register_simulate
 

@@ -1,0 +1,348 @@
+"""The ledger's HTTP client, for nodes, clients, the auditor and the command line.
+
+:class:`AsyncLedgerClient` does the work (httpx, timeouts, bounded retries); :class:`LedgerClient`
+is its thin synchronous face. Writes are signed with the caller's identity. Reads are retried on
+transport errors and 5xx; a write is retried only when it cannot have reached the ledger
+(connection refused or timed out while connecting), because a signed write is never replayed.
+Errors: :class:`~corolla.errors.LedgerRefused` for a 4xx (with the ledger's message and status),
+:class:`~corolla.errors.LedgerError` when the ledger is unreachable or fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+
+from corolla.errors import InvalidInput, LedgerError, LedgerRefused
+from corolla.ledger.entries import Entry, Operation, from_hex
+from corolla.ledger.envelope import sign_envelope
+from corolla.ledger.state import Account
+from corolla.ledger.tickets import Ticket, verify_ticket
+from corolla.verify.checkpoints import Checkpoint, verify_checkpoint
+from corolla.verify.encoding import canonical
+from corolla.verify.identity import Identity
+from corolla.verify.receipts import Receipt, StepRequest
+
+__all__ = ["AsyncLedgerClient", "ClientConfig", "EntryPage", "LedgerClient"]
+
+_T = TypeVar("_T")
+Pairs = Sequence[tuple[StepRequest, Receipt]]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Timeouts and retries of the ledger client."""
+
+    timeout_s: float = 15.0
+    attempts: int = 3
+    backoff_s: float = 0.2
+    batch_pairs: int = 500
+    """Submissions of more pairs are split into signed batches of this size."""
+
+
+@dataclass(frozen=True, slots=True)
+class EntryPage:
+    """A page of the log: entries, the ledger's leaf hashes for them, their operations."""
+
+    entries: list[Entry]
+    leaf_hashes: dict[int, bytes]
+    operations: dict[int, Operation]
+
+
+class AsyncLedgerClient:
+    """Talks to one ledger. Use as an async context manager, or call :meth:`aclose`."""
+
+    def __init__(
+        self,
+        url: str,
+        identity: Identity | None = None,
+        config: ClientConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.identity = identity
+        self.config = config or ClientConfig()
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=self.config.timeout_s, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncLedgerClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # Writes (signed).
+
+    async def register(self, name: str) -> dict[str, Any]:
+        """Register the client's key as an account called ``name``."""
+        return await self._signed("/v1/accounts", "register", {"name": name})
+
+    async def submit_work(self, pairs: Pairs) -> list[dict[str, Any]]:
+        """Submit (request, receipt) pairs for credit; returns each batch's result."""
+        return [
+            await self._signed("/v1/work", "work", {"pairs": batch})
+            for batch in self._batches(pairs)
+        ]
+
+    async def buy_ticket(self, budget: int, ttl_s: int) -> Ticket:
+        """Spend points on a ticket of ``budget`` block-tokens; returns the signed ticket."""
+        result = await self._signed("/v1/tickets", "buy-ticket", {"budget": budget, "ttl_s": ttl_s})
+        ticket = Ticket.from_dict(result["ticket"])
+        verify_ticket(ticket)
+        return ticket
+
+    async def redeem(self, pairs: Pairs) -> list[dict[str, Any]]:
+        """Redeem ticketed (request, receipt) pairs for payment to their nodes."""
+        return [
+            await self._signed("/v1/tickets/redeem", "redeem", {"pairs": batch})
+            for batch in self._batches(pairs)
+        ]
+
+    async def submit_evidence(self, accused: bytes, evidence: Any) -> bytes:
+        """Store fraud evidence against ``accused``; returns its reference digest."""
+        body = {"accused": accused.hex(), "evidence": evidence}
+        result = await self._signed("/v1/evidence", "evidence", body)
+        return from_hex(result["evidence_ref"])
+
+    async def slash(self, account: bytes, reason: str, evidence: bytes | None = None) -> int:
+        """Operator only (the client's identity must be the ledger's key): slash ``account``;
+        returns the points taken."""
+        body = {
+            "account": account.hex(),
+            "reason": reason,
+            "evidence": None if evidence is None else evidence.hex(),
+        }
+        return int((await self._signed("/v1/slash", "slash", body))["taken"])
+
+    # Reads.
+
+    async def info(self) -> dict[str, Any]:
+        """The ledger's origin, key, rules, limits and size."""
+        return await self._get("/v1/info")
+
+    async def checkpoint(self, ledger_key: bytes | None = None) -> Checkpoint:
+        """The latest signed checkpoint, its signature checked (and its key, when pinned)."""
+        checkpoint = Checkpoint.from_dict(await self._get("/v1/checkpoint"))
+        verify_checkpoint(checkpoint, ledger_key=ledger_key)
+        return checkpoint
+
+    async def account(self, key: bytes) -> Account | None:
+        """An account, or None if the ledger has none for ``key``."""
+        try:
+            data = await self._get(f"/v1/accounts/{key.hex()}")
+        except LedgerRefused as error:
+            if error.status_code == 404:
+                return None
+            raise
+        return _account(data)
+
+    async def balance(self, key: bytes) -> int:
+        """Points held by ``key`` (0 for an unknown account)."""
+        account = await self.account(key)
+        return 0 if account is None else account.balance
+
+    async def accounts(self, after: bytes = b"", limit: int = 1000) -> list[Account]:
+        """A page of all accounts in key order."""
+        data = await self._get("/v1/accounts", {"after": after.hex(), "limit": limit})
+        return [_account(item) for item in data["accounts"]]
+
+    async def history(self, key: bytes, before: int | None = None, limit: int = 100) -> list[Entry]:
+        """The account's entries, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        data = await self._get(f"/v1/accounts/{key.hex()}/history", params)
+        return [Entry.from_dict(item) for item in data["entries"]]
+
+    async def top(self, by: str = "balance", limit: int = 10) -> list[Account]:
+        """The leaderboard by ``balance`` or ``reputation``."""
+        data = await self._get("/v1/top", {"by": by, "limit": limit})
+        return [_account(item) for item in data["accounts"]]
+
+    async def entries(self, start: int, limit: int = 1000) -> EntryPage:
+        """A page of the log from sequence number ``start``."""
+        data = await self._get("/v1/entries", {"start": start, "limit": limit})
+        try:
+            entries = [Entry.from_dict(item) for item in data["entries"]]
+            leaves = {item["seq"]: from_hex(item["leaf_hash"]) for item in data["entries"]}
+            operations = [Operation.from_dict(item) for item in data["operations"]]
+        except (KeyError, TypeError) as error:
+            raise LedgerError(f"the ledger sent a malformed page of entries: {error}") from None
+        return EntryPage(entries, leaves, {operation.op: operation for operation in operations})
+
+    async def inclusion_proof(self, index: int, size: int) -> tuple[bytes, list[bytes]]:
+        """The leaf hash at ``index`` and its audit path in the tree of ``size``."""
+        data = await self._get("/v1/proofs/inclusion", {"index": index, "size": size})
+        return from_hex(data["leaf_hash"]), [from_hex(item) for item in data["proof"]]
+
+    async def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        """Proof that the tree of ``first`` entries is a prefix of the tree of ``second``."""
+        data = await self._get("/v1/proofs/consistency", {"first": first, "second": second})
+        return [from_hex(item) for item in data["proof"]]
+
+    async def ticket(self, digest: bytes) -> tuple[Ticket, int]:
+        """A sold ticket and the block-tokens already redeemed from it."""
+        data = await self._get(f"/v1/tickets/{digest.hex()}")
+        return Ticket.from_dict(data["ticket"]), int(data["spent"])
+
+    # Plumbing.
+
+    def _batches(self, pairs: Pairs) -> list[list[dict[str, Any]]]:
+        if not pairs:
+            raise InvalidInput("no pairs to submit")
+        items = [{"request": r.to_dict(), "receipt": c.to_dict()} for r, c in pairs]
+        size = self.config.batch_pairs
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    async def _signed(self, path: str, action: str, body: Any) -> dict[str, Any]:
+        if self.identity is None:
+            raise InvalidInput("this ledger client has no identity to sign requests with")
+        data = canonical(body)
+        envelope = sign_envelope(self.identity, action, data)
+        content = json.dumps(body, separators=(",", ":")).encode()
+        headers = {**envelope.to_headers(), "content-type": "application/json"}
+        return await self._send("POST", path, content=content, headers=headers)
+
+    async def _get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self._send("GET", path, params=params)
+
+    async def _send(self, method: str, path: str, **request: Any) -> dict[str, Any]:
+        idempotent = method == "GET"
+        for attempt in range(1, self.config.attempts + 1):
+            last = attempt == self.config.attempts
+            try:
+                response = await self._http.request(method, path, **request)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                if last:
+                    raise LedgerError(f"ledger at {self.url} is unreachable: {error}") from None
+            except httpx.TransportError as error:
+                if last or not idempotent:
+                    raise LedgerError(f"ledger at {self.url} failed: {error!r}") from None
+            else:
+                if response.status_code < 400:
+                    return _json(response)
+                if response.status_code < 500:
+                    raise LedgerRefused(_message(response), response.status_code)
+                if last or not idempotent:
+                    raise LedgerError(f"ledger error {response.status_code}: {_message(response)}")
+            await asyncio.sleep(self.config.backoff_s * 2 ** (attempt - 1))
+        raise LedgerError("no attempt was made")  # attempts < 1
+
+
+class LedgerClient:
+    """Synchronous face of :class:`AsyncLedgerClient` (same methods, blocking)."""
+
+    def __init__(
+        self,
+        url: str,
+        identity: Identity | None = None,
+        config: ClientConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._runner = asyncio.Runner()
+        self.client = AsyncLedgerClient(url, identity, config, transport)
+
+    def __enter__(self) -> LedgerClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._run(self.client.aclose())
+        self._runner.close()
+
+    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return self._runner.run(coroutine)
+
+    def register(self, name: str) -> dict[str, Any]:
+        return self._run(self.client.register(name))
+
+    def submit_work(self, pairs: Pairs) -> list[dict[str, Any]]:
+        return self._run(self.client.submit_work(pairs))
+
+    def buy_ticket(self, budget: int, ttl_s: int) -> Ticket:
+        return self._run(self.client.buy_ticket(budget, ttl_s))
+
+    def redeem(self, pairs: Pairs) -> list[dict[str, Any]]:
+        return self._run(self.client.redeem(pairs))
+
+    def submit_evidence(self, accused: bytes, evidence: Any) -> bytes:
+        return self._run(self.client.submit_evidence(accused, evidence))
+
+    def slash(self, account: bytes, reason: str, evidence: bytes | None = None) -> int:
+        return self._run(self.client.slash(account, reason, evidence))
+
+    def info(self) -> dict[str, Any]:
+        return self._run(self.client.info())
+
+    def checkpoint(self, ledger_key: bytes | None = None) -> Checkpoint:
+        return self._run(self.client.checkpoint(ledger_key))
+
+    def account(self, key: bytes) -> Account | None:
+        return self._run(self.client.account(key))
+
+    def balance(self, key: bytes) -> int:
+        return self._run(self.client.balance(key))
+
+    def accounts(self, after: bytes = b"", limit: int = 1000) -> list[Account]:
+        return self._run(self.client.accounts(after, limit))
+
+    def history(self, key: bytes, before: int | None = None, limit: int = 100) -> list[Entry]:
+        return self._run(self.client.history(key, before, limit))
+
+    def top(self, by: str = "balance", limit: int = 10) -> list[Account]:
+        return self._run(self.client.top(by, limit))
+
+    def entries(self, start: int, limit: int = 1000) -> EntryPage:
+        return self._run(self.client.entries(start, limit))
+
+    def inclusion_proof(self, index: int, size: int) -> tuple[bytes, list[bytes]]:
+        return self._run(self.client.inclusion_proof(index, size))
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        return self._run(self.client.consistency_proof(first, second))
+
+    def ticket(self, digest: bytes) -> tuple[Ticket, int]:
+        return self._run(self.client.ticket(digest))
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        raise LedgerError(f"the ledger answered {response.status_code} without JSON") from None
+    if not isinstance(data, dict):
+        raise LedgerError("the ledger answered with JSON that is not an object")
+    return data
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            return data["error"]
+    except ValueError:
+        pass
+    return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def _account(data: Any) -> Account:
+    try:
+        return Account(
+            from_hex(data["account"]),
+            str(data["name"]),
+            int(data["balance"]),
+            int(data["reputation"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise LedgerError(f"the ledger sent a malformed account: {error}") from None

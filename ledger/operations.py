@@ -1,0 +1,324 @@
+"""Operations: what each signed request does to the log, in two phases.
+
+:func:`prepare` checks everything that does not depend on the ledger's state (the author's
+signature, the body's shape, every receipt and request signature) and may run in parallel;
+:func:`apply` then decides, against the current state and inside the single write
+transaction, which entries to append. The ledger runs both on every request; the auditor runs
+both again on every logged operation and must get the very same entries.
+
+Refusals raise :class:`~corolla.errors.LedgerRefused` (or :class:`~corolla.errors.InvalidInput`,
+:class:`~corolla.errors.VerificationError` for malformed or forged input); a refused
+operation appends nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from corolla.errors import BadSignature, InvalidInput, LedgerRefused
+from corolla.ledger.config import ServiceLimits
+from corolla.ledger.entries import Draft
+from corolla.ledger.envelope import Envelope, verify_envelope
+from corolla.ledger.rules import (
+    VerifiedStep,
+    area,
+    creditable_work,
+    parse_pairs,
+    reputation_after_credit,
+    uncovered,
+)
+from corolla.ledger.state import LedgerState
+from corolla.ledger.tickets import Ticket
+from corolla.verify.encoding import canonical, domain_digest
+from corolla.verify.identity import SIGNATURE_SIZE, peer_name_of
+
+__all__ = ["Outcome", "Prepared", "apply", "prepare"]
+
+MAX_NAME = 64
+MAX_BALANCE = 2**62
+"""No account may hold more points (sums stay inside SQLite's 64-bit integers)."""
+MAX_REASON = 500
+_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request whose signatures and shape were checked, ready to be applied."""
+
+    envelope: Envelope
+    body: Any
+    steps: tuple[VerifiedStep, ...] = ()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What applying an operation did: the entries it appended, and per-pair results."""
+
+    seqs: list[int] = field(default_factory=list)
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(
+    envelope: Envelope,
+    body: Any,
+    limits: ServiceLimits,
+    verify: Callable[[Sequence[Any]], list[VerifiedStep]] = creditable_work,
+) -> Prepared:
+    """Check the author's signature, the body's shape and, for work and redemptions, every
+    pair (through ``verify``, by default :func:`~corolla.ledger.rules.creditable_work`)."""
+    try:
+        verify_envelope(envelope)
+    except BadSignature:
+        raise LedgerRefused(
+            f"the request's signature does not verify under its author's key "
+            f"{peer_name_of(envelope.author)}",
+            401,
+        ) from None
+    if envelope.action in ("work", "redeem"):
+        return Prepared(envelope, body, tuple(verify(parse_pairs(body, limits.max_pairs))))
+    _check_body(envelope.action, body, limits)
+    return Prepared(envelope, body)
+
+
+def apply(prepared: Prepared, state: LedgerState, time: int) -> Outcome:
+    """Append the entries ``prepared`` earns against ``state`` at ``time`` (ms)."""
+    action = prepared.envelope.action
+    if action == "genesis":
+        return _genesis(prepared, state)
+    outcome = Outcome()
+    author = prepared.envelope.author
+    if action == "register":
+        if state.account(author) is not None:
+            raise LedgerRefused(f"account {peer_name_of(author)} is already registered", 409)
+        name = prepared.body["name"]
+        outcome.seqs.append(
+            state.append(Draft("account_registered", author, 0, b"", {"name": name}))
+        )
+        return outcome
+    if action == "work":
+        _work(prepared.steps, state, outcome)
+    elif action == "redeem":
+        _redeem(prepared.steps, state, time, outcome)
+    elif action == "buy-ticket":
+        _buy_ticket(prepared, state, time, outcome)
+    elif action == "evidence":
+        _evidence(prepared, state, outcome)
+    elif action == "slash":
+        _slash(prepared, state, outcome)
+    else:
+        raise InvalidInput(f"unknown action {action!r}")
+    return outcome
+
+
+def _genesis(prepared: Prepared, state: LedgerState) -> Outcome:
+    if prepared.envelope.author != state.ledger_key:
+        raise LedgerRefused("only the ledger itself writes the genesis entry", 403)
+    body = prepared.body
+    if body.get("rules") != state.rules.to_dict():
+        raise InvalidInput("genesis rules differ from the ledger's rules")
+    seq = state.append(Draft("genesis", state.ledger_key, 0, b"", body))
+    if seq != 0:
+        raise LedgerRefused("the log already has a genesis entry", 409)
+    return Outcome(seqs=[seq])
+
+
+def _ensure_account(state: LedgerState, key: bytes, outcome: Outcome) -> None:
+    if state.account(key) is None:
+        outcome.seqs.append(state.append(Draft("account_registered", key, 0, b"", {"name": ""})))
+
+
+def _work(steps: Sequence[VerifiedStep], state: LedgerState, outcome: Outcome) -> None:
+    rules = state.rules
+    for step in steps:
+        pieces = uncovered(step.rect, state.covered(step.client_key, step.session_id, step.rect))
+        units = sum(area(piece) for piece in pieces)
+        outcome.pairs.append({"pair": step.index, "credited_units": units})
+        if not units:
+            continue
+        _ensure_account(state, step.node_key, outcome)
+        _check_room(state, step.node_key, units * rules.credit_per_block_token)
+        first_in_session = not state.has_earned(step.node_key, step.client_key, step.session_id)
+        payload = {
+            "pair": step.index,
+            "client": step.client_key,
+            "session": step.session_id,
+            "pieces": [list(piece) for piece in pieces],
+        }
+        draft = Draft(
+            "work_credited",
+            step.node_key,
+            units * rules.credit_per_block_token,
+            step.receipt_digest,
+            payload,
+        )
+        outcome.seqs.append(state.append(draft))
+        account = state.account(step.node_key)
+        if first_in_session and account is not None:
+            gain = reputation_after_credit(account.reputation, rules.reputation_cap)
+            if gain > account.reputation:
+                change = Draft(
+                    "reputation_changed",
+                    step.node_key,
+                    gain - account.reputation,
+                    b"",
+                    {"reason": "credited in a new client session"},
+                )
+                outcome.seqs.append(state.append(change))
+
+
+def _check_room(state: LedgerState, key: bytes, amount: int) -> None:
+    account = state.account(key)
+    if account is not None and account.balance + amount > MAX_BALANCE:
+        raise LedgerRefused(f"account {peer_name_of(key)} cannot hold more points", 409)
+
+
+def _redeem(steps: Sequence[VerifiedStep], state: LedgerState, time: int, outcome: Outcome) -> None:
+    grace = state.rules.redeem_grace_s * _MS
+    reasons = []
+    for step in steps:
+        reason = None
+        ticket_state = None if step.ticket_digest is None else state.ticket(step.ticket_digest)
+        if step.ticket_digest is None:
+            reason = "the request names no ticket"
+        elif ticket_state is None:
+            reason = "the ledger sold no such ticket"
+        elif ticket_state.ticket.client_key != step.client_key:
+            reason = "the ticket belongs to another client"
+        elif state.is_redeemed(step.request_digest):
+            reason = "this request was already redeemed"
+        elif time > ticket_state.ticket.expiry + grace:
+            reason = "the ticket expired"
+        elif ticket_state.spent + step.units > ticket_state.ticket.budget:
+            left = ticket_state.ticket.budget - ticket_state.spent
+            reason = f"over the ticket's budget ({left} block-tokens left, {step.units} asked)"
+        if reason is not None or ticket_state is None or step.ticket_digest is None:
+            reasons.append(f"pair {step.index}: {reason}")
+            outcome.pairs.append({"pair": step.index, "redeemed_units": 0, "refused": reason})
+            continue
+        _ensure_account(state, step.node_key, outcome)
+        _check_room(state, step.node_key, step.units * ticket_state.ticket.price)
+        draft = Draft(
+            "ticket_redeemed",
+            step.node_key,
+            step.units * ticket_state.ticket.price,
+            step.request_digest,
+            {"pair": step.index, "ticket": step.ticket_digest, "units": step.units},
+        )
+        outcome.seqs.append(state.append(draft))
+        outcome.pairs.append({"pair": step.index, "redeemed_units": step.units})
+    if not any(pair["redeemed_units"] for pair in outcome.pairs):
+        raise LedgerRefused("nothing to redeem: " + "; ".join(reasons[:3]), 409)
+
+
+def _buy_ticket(prepared: Prepared, state: LedgerState, time: int, outcome: Outcome) -> None:
+    rules = state.rules
+    client = prepared.envelope.author
+    budget, ttl = prepared.body["budget"], prepared.body["ttl_s"]
+    if ttl > rules.ticket_max_ttl_s:
+        raise LedgerRefused(f"a ticket lives at most {rules.ticket_max_ttl_s} s", 400)
+    cost = budget * rules.ticket_price_per_block_token
+    account = state.account(client)
+    balance = 0 if account is None else account.balance
+    if cost > balance:
+        raise LedgerRefused(
+            f"insufficient balance: the ticket costs {cost} points, the balance is {balance}", 409
+        )
+    unsigned = Ticket(
+        ledger_key=state.ledger_key,
+        client_key=client,
+        budget=budget,
+        price=rules.ticket_price_per_block_token,
+        expiry=time + ttl * _MS,
+        serial=prepared.envelope.digest(),
+        signature=bytes(SIGNATURE_SIZE),
+    )
+    ticket = state.sign_ticket(unsigned)
+    draft = Draft("ticket_bought", client, -cost, ticket.digest(), {"ticket": ticket.to_value()})
+    outcome.seqs.append(state.append(draft))
+    outcome.extra["ticket"] = ticket.to_dict()
+    outcome.extra["ticket_digest"] = ticket.digest().hex()
+
+
+def _evidence(prepared: Prepared, state: LedgerState, outcome: Outcome) -> None:
+    accused = bytes.fromhex(prepared.body["accused"])
+    document = prepared.body["evidence"]
+    ref = domain_digest("fraud-evidence", accused, document)
+    draft = Draft("fraud_evidence", accused, 0, ref, {"judged": False})
+    outcome.seqs.append(state.append(draft))
+    outcome.extra["evidence_ref"] = ref.hex()
+
+
+def _slash(prepared: Prepared, state: LedgerState, outcome: Outcome) -> None:
+    if prepared.envelope.author != state.ledger_key:
+        raise LedgerRefused("only the ledger operator (the ledger's own key) may slash", 403)
+    target = bytes.fromhex(prepared.body["account"])
+    account = state.account(target)
+    if account is None:
+        raise LedgerRefused(f"no account {peer_name_of(target)}", 404)
+    evidence = prepared.body.get("evidence")
+    ref = b"" if evidence is None else bytes.fromhex(evidence)
+    reason = prepared.body["reason"]
+    outcome.seqs.append(
+        state.append(Draft("slash", target, -account.balance, ref, {"reason": reason}))
+    )
+    if account.reputation:
+        change = Draft("reputation_changed", target, -account.reputation, b"", {"reason": "slash"})
+        outcome.seqs.append(state.append(change))
+    outcome.extra["taken"] = account.balance
+
+
+def _check_body(action: str, body: Any, limits: ServiceLimits) -> None:
+    """Shape checks for the small bodies (the HTTP layer checks them too; the auditor relies
+    on these)."""
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object")
+    if action == "genesis":
+        _fields(body, {"origin", "rules"})
+        return
+    if action == "register":
+        _fields(body, {"name"})
+        _text(body["name"], "name", MAX_NAME)
+    elif action == "buy-ticket":
+        _fields(body, {"budget", "ttl_s"})
+        _positive(body["budget"], "budget", 2**40)
+        _positive(body["ttl_s"], "ttl_s", 2**31)
+    elif action == "evidence":
+        _fields(body, {"accused", "evidence"})
+        _key(body["accused"], "accused")
+        if len(canonical(body["evidence"])) > limits.max_evidence_bytes:
+            raise InvalidInput(f"evidence larger than {limits.max_evidence_bytes} bytes")
+    elif action == "slash":
+        _fields(body, {"account", "reason", "evidence"})
+        _key(body["account"], "account")
+        _text(body["reason"], "reason", MAX_REASON)
+        if body["evidence"] is not None:
+            _key(body["evidence"], "evidence")
+    else:
+        raise InvalidInput(f"unknown action {action!r}")
+
+
+def _fields(body: dict[str, Any], names: set[str]) -> None:
+    if set(body) != names:
+        raise InvalidInput(f"the body must have exactly the fields {sorted(names)}")
+
+
+def _text(value: Any, name: str, limit: int) -> None:
+    if not isinstance(value, str) or len(value) > limit:
+        raise InvalidInput(f"{name} must be a string of at most {limit} characters")
+
+
+def _positive(value: Any, name: str, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise InvalidInput(f"{name} must be an integer in [1, {limit}]")
+
+
+def _key(value: Any, name: str) -> None:
+    if not isinstance(value, str) or len(value) != 64 or value != value.lower():
+        raise InvalidInput(f"{name} must be 64 lowercase hex digits")
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        raise InvalidInput(f"{name} must be 64 lowercase hex digits") from None

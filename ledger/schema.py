@@ -1,0 +1,106 @@
+"""The ledger's SQLite schema (strict tables through sqlite-utils) and connection settings.
+
+Tables: ``entries`` (the append-only log, one Merkle leaf per row), ``operations`` (the signed
+requests behind them), ``merkle`` (hashes of the log's perfect subtrees, level >= 1),
+``checkpoints`` (every signed tree head), ``nonces`` (replay protection), and the caches of
+derived state, always rebuilt by appending entries: ``accounts`` (balance, reputation),
+``credited`` (credited rectangles of client sessions), ``earned``, ``tickets``, ``redeemed``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+
+from corolla.errors import LedgerError
+
+__all__ = ["connect", "create_schema"]
+
+_TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
+    "meta": ({"key": str, "value": bytes}, "key"),
+    "operations": (
+        {
+            "op": int,
+            "author": bytes,
+            "nonce": bytes,
+            "timestamp": int,
+            "action": str,
+            "body": bytes,
+            "signature": bytes,
+            "time": int,
+        },
+        "op",
+    ),
+    "entries": (
+        {
+            "seq": int,
+            "kind": str,
+            "account": bytes,
+            "amount": int,
+            "ref": bytes,
+            "payload": bytes,
+            "op": int,
+            "op_digest": bytes,
+            "author": bytes,
+            "author_signature": bytes,
+            "time": int,
+            "leaf_hash": bytes,
+        },
+        "seq",
+    ),
+    "merkle": ({"level": int, "idx": int, "hash": bytes}, ("level", "idx")),
+    "checkpoints": (
+        {"tree_size": int, "root_hash": bytes, "timestamp": int, "signature": bytes},
+        "tree_size",
+    ),
+    "nonces": ({"author": bytes, "nonce": bytes, "expires": int}, ("author", "nonce")),
+    "accounts": (
+        {"account": bytes, "name": str, "balance": int, "reputation": int, "since": int},
+        "account",
+    ),
+    "credited": (
+        {"client": bytes, "session": bytes, "b0": int, "b1": int, "t0": int, "t1": int, "seq": int},
+        ("client", "session", "b0", "t0"),
+    ),
+    "earned": ({"node": bytes, "client": bytes, "session": bytes}, ("node", "client", "session")),
+    "tickets": (
+        {"digest": bytes, "client": bytes, "budget": int, "spent": int, "ticket": bytes},
+        "digest",
+    ),
+    "redeemed": ({"request": bytes, "ticket": bytes, "seq": int}, "request"),
+}
+_INDEXES = [
+    ("entries", ["account", "seq"], "entries_by_account"),
+    ("entries", ["op"], "entries_by_op"),
+    ("credited", ["client", "session", "t1"], "credited_by_end"),
+    ("accounts", ["balance"], "accounts_by_balance"),
+    ("accounts", ["reputation"], "accounts_by_reputation"),
+    ("nonces", ["expires"], "nonces_by_expiry"),
+]
+
+
+def connect(path: str | Path, *, create: bool) -> sqlite3.Connection:
+    """Open the database in WAL mode with durable commits (``synchronous=FULL``), in
+    autocommit mode so that transactions are explicit (``BEGIN IMMEDIATE`` ... ``COMMIT``)."""
+    path = Path(path)
+    if not create and not path.exists():
+        raise LedgerError(f"no ledger database at {path}")
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.Error as error:
+        raise LedgerError(f"cannot open ledger database {path}: {error}") from None
+    return conn
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Create missing tables and indexes (strict tables, every column NOT NULL)."""
+    db = sqlite_utils.Database(conn)
+    for name, (columns, pk) in _TABLES.items():
+        db[name].create(columns, pk=pk, not_null=set(columns), strict=True, if_not_exists=True)
+    for table, columns, index_name in _INDEXES:
+        db[table].create_index(columns, index_name=index_name, if_not_exists=True)

@@ -1,0 +1,259 @@
+"""The ledger over HTTP: a real uvicorn server on 127.0.0.1 and a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import typer
+from ledger_fixtures import (
+    LedgerServer,
+    free_port,
+    make_pairs,
+    pair_dicts,
+    running_server,
+)
+from typer.testing import CliRunner
+
+from corolla.errors import LedgerError, LedgerRefused
+from corolla.ledger.audit import audit
+from corolla.ledger.cli import register
+from corolla.ledger.client import ClientConfig, LedgerClient
+from corolla.ledger.envelope import sign_envelope
+from corolla.ledger.sources import HttpSource
+from corolla.verify.encoding import canonical
+from corolla.verify.identity import Identity, load_identity
+from corolla.verify.merkle import verify_consistency, verify_inclusion
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LedgerServer]:
+    directory = tmp_path_factory.mktemp("ledger")
+    with running_server(directory / "ledger.db", directory / "ledger.key") as running:
+        yield running
+
+
+def test_earn_spend_redeem_slash_cycle_and_balances_match_the_log(server: LedgerServer) -> None:
+    client_id, node_a, node_b = Identity.generate(), Identity.generate(), Identity.generate()
+    operator = load_identity(server.key)
+    with (
+        LedgerClient(server.url, node_a) as as_a,
+        LedgerClient(server.url, client_id) as as_client,
+        LedgerClient(server.url, operator) as as_operator,
+    ):
+        # Earn: node A serves the client (and the client serves as a node for someone else).
+        as_a.register("node-a")
+        as_a.submit_work(make_pairs(client_id, node_a, steps=5, prefill=8))
+        as_a.submit_work(make_pairs(node_b, client_id, steps=4, prefill=6))
+        assert as_a.balance(node_a.public_key) == 4 * 12
+        assert as_a.balance(client_id.public_key) == 4 * 9
+        # Spend: the client buys a ticket; node B redeems ticketed receipts.
+        ticket = as_client.buy_ticket(budget=20, ttl_s=600)
+        assert as_client.balance(client_id.public_key) == 36 - 20
+        ticketed = make_pairs(client_id, node_b, steps=3, prefill=4, ticket=ticket.digest())
+        paid = as_client.redeem(ticketed)
+        assert [p["redeemed_units"] for p in paid[0]["pairs"]] == [16, 4, 0]
+        assert as_client.ticket(ticket.digest())[1] == 20
+        assert as_client.balance(node_b.public_key) == 20
+        # Slash: the operator takes node A's points.
+        as_client.submit_evidence(node_a.public_key, {"claim": "wrong activations"})
+        assert as_operator.slash(node_a.public_key, "proven fraud") == 48
+        account = as_a.account(node_a.public_key)
+        assert account is not None and (account.balance, account.reputation) == (0, 0)
+        # Balances match the log: each account's history sums to its balance...
+        for key in (node_a.public_key, node_b.public_key, client_id.public_key):
+            history = as_a.history(key, limit=1000)
+            assert sum(e.amount for e in history if e.kind != "reputation_changed") == (
+                as_a.balance(key)
+            )
+    # ...and the auditor recomputes every balance from the log alone.
+    source = HttpSource(server.url)
+    try:
+        report = audit(source)
+    finally:
+        source.close()
+    assert report.cached_state_compared
+    assert report.kinds["slash"] >= 1 and report.kinds["ticket_redeemed"] >= 2
+
+
+def test_a_double_submission_over_http_credits_once(server: LedgerServer) -> None:
+    client_id, node = Identity.generate(), Identity.generate()
+    pairs = make_pairs(client_id, node, steps=3)
+    with LedgerClient(server.url, node) as ledger:
+        first = ledger.submit_work(pairs)[0]
+        second = ledger.submit_work(pairs)[0]
+        assert sum(p["credited_units"] for p in first["pairs"]) == 28
+        assert sum(p["credited_units"] for p in second["pairs"]) == 0
+        assert ledger.balance(node.public_key) == 28
+
+
+def signed_post(
+    server: LedgerServer, author: Identity, path: str, action: str, body: object, **envelope: int
+) -> httpx.Response:
+    data = canonical(body)
+    headers = sign_envelope(author, action, data, **envelope).to_headers()  # type: ignore[arg-type]
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+
+
+def test_forged_replayed_expired_and_unsigned_requests_are_refused(server: LedgerServer) -> None:
+    node = Identity.generate()
+    body = {"pairs": pair_dicts(make_pairs(Identity.generate(), node, steps=2))}
+    data = canonical(body)
+    envelope = sign_envelope(node, "work", data)
+    headers = envelope.to_headers()
+    forged = {
+        **headers,
+        "X-Corolla-Signature": sign_envelope(node, "register", data).signature.hex(),
+    }
+    response = httpx.post(server.url + "/v1/work", json=body, headers=forged)
+    assert response.status_code == 401 and "does not verify" in response.json()["error"]
+    assert httpx.post(server.url + "/v1/work", json=body, headers=headers).status_code == 200
+    replay = httpx.post(server.url + "/v1/work", json=body, headers=headers)
+    assert replay.status_code == 409 and "replayed" in replay.json()["error"]
+    expired = signed_post(
+        server, node, "/v1/work", "work", body, timestamp=envelope.timestamp - 600_000
+    )
+    assert expired.status_code == 401 and "clock" in expired.json()["error"]
+    unsigned = httpx.post(server.url + "/v1/work", json=body)
+    assert unsigned.status_code == 401 and "missing" in unsigned.json()["error"]
+    # A body signed for one action cannot be replayed to another endpoint.
+    moved = httpx.post(server.url + "/v1/tickets/redeem", json=body, headers=headers)
+    assert moved.status_code == 401
+
+
+def test_oversized_bodies_big_pages_and_malformed_input_get_clear_4xx(server: LedgerServer) -> None:
+    node = Identity.generate()
+    big = httpx.post(server.url + "/v1/work", content=b" " * (5 * 1024 * 1024))
+    assert big.status_code == 413 and "larger than" in big.json()["error"]
+    page = httpx.get(server.url + "/v1/entries", params={"limit": 100_000})
+    assert page.status_code == 422 and "limit" in page.json()["error"]
+    garbage = httpx.post(
+        server.url + "/v1/work", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert garbage.status_code in (400, 422) and garbage.json()["error"]
+    headers = sign_envelope(node, "buy-ticket", canonical({"budget": 1, "ttl_s": 60})).to_headers()
+    floats = httpx.post(
+        server.url + "/v1/tickets", json={"budget": 1.5, "ttl_s": 60}, headers=headers
+    )
+    assert floats.status_code == 422 and "budget" in floats.json()["error"]
+    poor = signed_post(server, node, "/v1/tickets", "buy-ticket", {"budget": 5, "ttl_s": 60})
+    assert poor.status_code == 409 and "insufficient balance" in poor.json()["error"]
+    unknown = httpx.get(server.url + "/v1/accounts/" + "ab" * 32)
+    assert unknown.status_code == 404 and unknown.json()["error"]
+
+
+def test_proofs_from_the_server_verify_against_its_signed_checkpoint(server: LedgerServer) -> None:
+    node = Identity.generate()
+    with LedgerClient(server.url, node) as ledger:
+        ledger.submit_work(make_pairs(Identity.generate(), node, steps=2))
+        old = ledger.checkpoint()
+        ledger.submit_work(make_pairs(Identity.generate(), node, steps=2))
+        new = ledger.checkpoint(ledger_key=old.ledger_key)
+        assert new.tree_size > old.tree_size
+        proof = ledger.consistency_proof(old.tree_size, new.tree_size)
+        verify_consistency(old.tree_size, new.tree_size, old.root_hash, new.root_hash, proof)
+        for index in (0, old.tree_size - 1, new.tree_size - 1):
+            leaf, path = ledger.inclusion_proof(index, new.tree_size)
+            verify_inclusion(leaf, index, new.tree_size, path, new.root_hash)
+        page = ledger.entries(new.tree_size - 1, 1)
+        assert page.entries[0].leaf_hash() == page.leaf_hashes[new.tree_size - 1]
+
+
+def test_the_openapi_document_is_served_at_docs(server: LedgerServer) -> None:
+    assert httpx.get(server.url + "/docs").status_code == 200
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    for path in (
+        "/v1/work",
+        "/v1/tickets",
+        "/v1/tickets/redeem",
+        "/v1/evidence",
+        "/v1/slash",
+        "/v1/entries",
+        "/v1/checkpoint",
+        "/v1/proofs/inclusion",
+        "/v1/proofs/consistency",
+        "/v1/accounts/{key}",
+        "/v1/top",
+    ):
+        assert path in paths
+
+
+def test_the_client_gives_up_after_bounded_retries_on_a_dead_ledger() -> None:
+    config = ClientConfig(timeout_s=1.0, attempts=2, backoff_s=0.01)
+    with LedgerClient(f"http://127.0.0.1:{free_port()}", Identity.generate(), config) as ledger:
+        with pytest.raises(LedgerError, match="unreachable"):
+            ledger.info()
+        with pytest.raises(LedgerError, match="unreachable"):
+            ledger.register("nobody")
+
+
+def test_the_client_raises_ledger_refused_with_the_servers_reason(server: LedgerServer) -> None:
+    with LedgerClient(server.url, Identity.generate()) as ledger:
+        with pytest.raises(LedgerRefused, match="insufficient balance") as refused:
+            ledger.buy_ticket(10, 60)
+        assert refused.value.status_code == 409
+
+
+def test_balance_history_and_top_commands_print_json(server: LedgerServer, tmp_path: Path) -> None:
+    node = Identity.generate()
+    with LedgerClient(server.url, node) as ledger:
+        ledger.submit_work(make_pairs(Identity.generate(), node, steps=2, prefill=50))
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    key = node.public_key.hex()
+    result = runner.invoke(app, ["ledger", "balance", key, "--url", server.url, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["balance"] == 4 * 51
+    result = runner.invoke(app, ["ledger", "history", key, "--url", server.url, "--json"])
+    assert [e["kind"] for e in json.loads(result.output)] == [
+        "work_credited",
+        "reputation_changed",
+        "work_credited",
+        "account_registered",
+    ]
+    result = runner.invoke(app, ["ledger", "top", "--url", server.url, "--json", "--limit", "3"])
+    assert json.loads(result.output)[0]["account"] == key
+    result = runner.invoke(app, ["ledger", "top", "--url", server.url])
+    assert result.exit_code == 0 and "top 10 by balance" in result.output
+
+
+def test_the_ledger_command_group_offers_serve_audit_and_the_readers() -> None:
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["ledger", "--help"])
+    assert result.exit_code == 0
+    for command in ("serve", "audit", "balance", "history", "top", "slash"):
+        assert command in result.output
+    both = CliRunner().invoke(app, ["ledger", "audit"])
+    assert both.exit_code != 0
+
+
+def test_two_server_processes_share_one_log_without_double_credit(tmp_path: Path) -> None:
+    node = Identity.generate()
+    pairs = make_pairs(Identity.generate(), node, steps=4)
+    results: list[int] = []
+
+    def submit() -> None:
+        with LedgerClient(server.url, Identity.generate()) as ledger:
+            answer = ledger.submit_work(pairs)[0]
+            results.append(sum(p["credited_units"] for p in answer["pairs"]))
+
+    with running_server(
+        tmp_path / "ledger.db", tmp_path / "ledger.key", extra=("--workers", "2")
+    ) as server:
+        threads = [threading.Thread(target=submit) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(results) == [0, 0, 0, 0, 0, 4 * 8]
+        source = HttpSource(server.url)
+        try:
+            assert audit(source).cached_state_compared
+        finally:
+            source.close()

@@ -1,0 +1,267 @@
+"""The accounting rules, in process on a real SQLite file: credit, no double credit, tickets,
+slashing, reputation, replay protection; and the auditor agrees with the ledger after each."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ledger_fixtures import make_pairs, pair_dicts, seed_identity
+
+from corolla.errors import BadReceipt, BadSignature, LedgerRefused
+from corolla.ledger.audit import audit
+from corolla.ledger.config import LedgerRules
+from corolla.ledger.envelope import sign_envelope
+from corolla.ledger.rules import area, creditable_work, uncovered
+from corolla.ledger.sources import DbSource
+from corolla.ledger.store import LedgerStore
+from corolla.ledger.tickets import Ticket
+from corolla.verify import make_receipt
+from corolla.verify.encoding import canonical
+from corolla.verify.identity import Identity
+
+LEDGER = seed_identity("ledger")
+CLIENT = seed_identity("client")
+NODE_A = seed_identity("node-a")
+NODE_B = seed_identity("node-b")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> Any:
+    ledger = LedgerStore(tmp_path / "ledger.db", LEDGER, clock=clock)
+    yield ledger
+    ledger.close()
+
+
+def submit(store: LedgerStore, author: Identity, action: str, body: Any) -> dict[str, Any]:
+    data = canonical(body)
+    return store.submit(sign_envelope(author, action, data, timestamp=store.clock()), body)
+
+
+def balance(store: LedgerStore, key: bytes) -> int:
+    account = store._reader.account(key)
+    return 0 if account is None else account.balance
+
+
+def audited(path: Path) -> None:
+    source = DbSource(path)
+    try:
+        audit(source)
+    finally:
+        source.close()
+
+
+def test_verified_work_is_credited_per_block_token(store: LedgerStore) -> None:
+    pairs = make_pairs(CLIENT, NODE_A, steps=4, start=2, end=6, prefill=5)
+    result = submit(store, NODE_A, "work", {"pairs": pair_dicts(pairs)})
+    assert [p["credited_units"] for p in result["pairs"]] == [20, 4, 4, 4]
+    assert balance(store, NODE_A.public_key) == 32
+    audited(store.path)
+
+
+def test_a_double_submission_of_the_same_receipts_credits_once(store: LedgerStore) -> None:
+    body = {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, steps=3))}
+    submit(store, NODE_A, "work", body)
+    again = submit(store, CLIENT, "work", body)
+    assert again["entries"] == []
+    assert balance(store, NODE_A.public_key) == 4 * 7
+    audited(store.path)
+
+
+def test_a_failover_replay_earns_only_the_blocks_and_tokens_it_adds(store: LedgerStore) -> None:
+    session = bytes(range(16))
+    submit(
+        store,
+        NODE_A,
+        "work",
+        {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, session=session, steps=3, start=0, end=4))},
+    )
+    # Node B replaces A and replays the same positions over a wider span, then goes on.
+    replay = make_pairs(CLIENT, NODE_B, session=session, steps=4, start=0, end=6)
+    result = submit(store, NODE_B, "work", {"pairs": pair_dicts(replay)})
+    assert [p["credited_units"] for p in result["pairs"]] == [2 * 5, 2 * 1, 2 * 1, 6 * 1]
+    assert balance(store, NODE_A.public_key) == 4 * 7
+    assert balance(store, NODE_B.public_key) == 20
+    audited(store.path)
+
+
+def test_a_forged_or_unbound_pair_is_refused_and_nothing_is_credited(store: LedgerStore) -> None:
+    pairs = make_pairs(CLIENT, NODE_A, steps=3)
+    request, receipt = pairs[1]
+    forged = [pairs[0], (dataclasses.replace(request, tokens=9), receipt), pairs[2]]
+    with pytest.raises(BadSignature, match="pair 1"):
+        submit(store, NODE_A, "work", {"pairs": pair_dicts(forged)})
+    other = make_pairs(CLIENT, NODE_A, steps=1)[0][0]
+    unbound = [(other, make_receipt(NODE_A, request, receipt.output_digest, bytes(32)))]
+    with pytest.raises(BadReceipt, match="pair 0"):
+        submit(store, NODE_A, "work", {"pairs": pair_dicts(unbound)})
+    assert store._reader.size() == 1
+
+
+def test_consecutive_steps_must_extend_the_chain_digest() -> None:
+    pairs = make_pairs(CLIENT, NODE_A, steps=3)
+    request, _ = pairs[2]
+    off_chain = make_receipt(NODE_A, request, bytes(32), bytes(32))
+    with pytest.raises(BadReceipt, match=r"pair 2: .*chain"):
+        creditable_work([pairs[0], pairs[1], (request, off_chain)])
+    # Alone, the same receipt has no previous step to chain from, and verifies.
+    assert creditable_work([(request, off_chain)])[0].units == 4
+
+
+def test_tickets_are_bought_with_points_and_never_redeemed_beyond_budget(
+    store: LedgerStore,
+) -> None:
+    submit(store, NODE_A, "work", {"pairs": pair_dicts(make_pairs(NODE_B, CLIENT, steps=6))})
+    assert balance(store, CLIENT.public_key) == 4 * 10
+    bought = submit(store, CLIENT, "buy-ticket", {"budget": 12, "ttl_s": 60})
+    ticket = Ticket.from_dict(bought["ticket"])
+    assert balance(store, CLIENT.public_key) == 28
+    with pytest.raises(LedgerRefused, match="insufficient balance"):
+        submit(store, CLIENT, "buy-ticket", {"budget": 29, "ttl_s": 60})
+    work = make_pairs(CLIENT, NODE_A, steps=4, prefill=1, ticket=ticket.digest())
+    paid = submit(store, NODE_A, "redeem", {"pairs": pair_dicts(work)})
+    assert [p["redeemed_units"] for p in paid["pairs"]] == [4, 4, 4, 0]
+    assert "over the ticket's budget" in paid["pairs"][3]["refused"]
+    assert balance(store, NODE_A.public_key) == 12
+    with pytest.raises(LedgerRefused, match="already redeemed"):
+        submit(store, NODE_A, "redeem", {"pairs": pair_dicts(work[:1])})
+    audited(store.path)
+
+
+def test_expired_and_foreign_tickets_are_not_redeemed(store: LedgerStore, clock: Clock) -> None:
+    submit(store, NODE_A, "work", {"pairs": pair_dicts(make_pairs(NODE_B, CLIENT, steps=2))})
+    ticket = Ticket.from_dict(
+        submit(store, CLIENT, "buy-ticket", {"budget": 8, "ttl_s": 1})["ticket"]
+    )
+    foreign = make_pairs(NODE_B, NODE_A, steps=1, prefill=1, ticket=ticket.digest())
+    with pytest.raises(LedgerRefused, match="another client"):
+        submit(store, NODE_A, "redeem", {"pairs": pair_dicts(foreign)})
+    clock.now += 1000 + store.rules.redeem_grace_s * 1000 + 1
+    late = make_pairs(CLIENT, NODE_A, steps=1, prefill=1, ticket=ticket.digest())
+    with pytest.raises(LedgerRefused, match="expired"):
+        submit(store, NODE_A, "redeem", {"pairs": pair_dicts(late)})
+    audited(store.path)
+
+
+def test_slashing_takes_the_balance_and_zeroes_reputation_and_is_operator_only(
+    store: LedgerStore,
+) -> None:
+    for _ in range(3):
+        submit(store, NODE_A, "work", {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, steps=2))})
+    account = store._reader.account(NODE_A.public_key)
+    assert account is not None and account.reputation == 3 and account.balance == 3 * 24
+    evidence = submit(
+        store,
+        CLIENT,
+        "evidence",
+        {"accused": NODE_A.public_key.hex(), "evidence": {"steps": [1, 2]}},
+    )
+    body = {
+        "account": NODE_A.public_key.hex(),
+        "reason": "fraud",
+        "evidence": evidence["evidence_ref"],
+    }
+    with pytest.raises(LedgerRefused, match="operator"):
+        submit(store, CLIENT, "slash", body)
+    assert submit(store, LEDGER, "slash", body)["taken"] == 72
+    account = store._reader.account(NODE_A.public_key)
+    assert account is not None and (account.balance, account.reputation) == (0, 0)
+    audited(store.path)
+
+
+def test_reputation_is_slow_to_earn_and_capped(tmp_path: Path, clock: Clock) -> None:
+    store = LedgerStore(tmp_path / "l.db", LEDGER, clock=clock, rules=LedgerRules(reputation_cap=2))
+    session = bytes(16)
+    for first_step in (0, 2, 4):  # one session, three submissions: +1 only once
+        pairs = make_pairs(CLIENT, NODE_A, session=session, steps=2, first_step=first_step)
+        submit(store, NODE_A, "work", {"pairs": pair_dicts(pairs)})
+    assert store._reader.account(NODE_A.public_key).reputation == 1  # type: ignore[union-attr]
+    for _ in range(3):
+        submit(store, NODE_A, "work", {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, steps=1))})
+    assert store._reader.account(NODE_A.public_key).reputation == 2  # type: ignore[union-attr]
+    store.close()
+    audited(tmp_path / "l.db")
+
+
+def test_replayed_and_stale_requests_are_refused(store: LedgerStore, clock: Clock) -> None:
+    body = {"name": "alice"}
+    data = canonical(body)
+    envelope = sign_envelope(CLIENT, "register", data, timestamp=clock.now)
+    store.submit(envelope, body)
+    with pytest.raises(LedgerRefused, match="replayed") as replay:
+        store.submit(envelope, body)
+    assert replay.value.status_code == 409
+    stale = sign_envelope(NODE_A, "register", data, timestamp=clock.now - 121_000)
+    with pytest.raises(LedgerRefused, match="clock") as refused:
+        store.submit(stale, body)
+    assert refused.value.status_code == 401
+    other = sign_envelope(NODE_A, "register", data, timestamp=clock.now)
+    with pytest.raises(LedgerRefused, match="signature covers"):
+        store.submit(other, {"name": "mallory"})
+
+
+def test_concurrent_submissions_of_the_same_work_credit_it_once(store: LedgerStore) -> None:
+    pairs = make_pairs(CLIENT, NODE_A, steps=5)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            submit(store, NODE_B, "work", {"pairs": pair_dicts(pairs)})
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert balance(store, NODE_A.public_key) == 4 * 9
+    audited(store.path)
+
+
+rects = st.tuples(st.integers(0, 6), st.integers(1, 4), st.integers(0, 6), st.integers(1, 4)).map(
+    lambda r: (r[0], r[0] + r[1], r[2], r[2] + r[3])
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rect=rects, covered=st.lists(rects, max_size=5))
+def test_uncovered_pieces_are_exactly_the_cells_no_earlier_credit_covered(
+    rect: tuple[int, int, int, int], covered: list[tuple[int, int, int, int]]
+) -> None:
+    pieces = uncovered(rect, covered)
+
+    def cells(r: tuple[int, int, int, int]) -> set[tuple[int, int]]:
+        return set(itertools.product(range(r[0], r[1]), range(r[2], r[3])))
+
+    free = cells(rect) - set().union(*(cells(c) for c in covered))
+    piece_cells = [cells(piece) for piece in pieces]
+    assert sum(area(piece) for piece in pieces) == len(free)
+    assert set().union(*piece_cells) == free
+
+
+def test_verified_steps_carry_the_official_request_and_receipt_digests() -> None:
+    pairs = make_pairs(CLIENT, NODE_A, steps=3)
+    for step, (request, receipt) in zip(creditable_work(pairs), pairs, strict=True):
+        assert step.request_digest == request.digest() == receipt.request_digest
+        assert step.receipt_digest == receipt.digest()

@@ -1,0 +1,220 @@
+"""Tampering with a ledger's database by hand makes ``corolla ledger audit`` fail loudly and
+name the entry at fault; a ledger that rewrites its history between two audits is caught by
+the consistency check against the checkpoint the auditor remembered."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from ledger_fixtures import make_pairs, pair_dicts, running_server, seed_identity
+from typer.testing import CliRunner, Result
+
+from corolla.ledger.cli import register
+from corolla.ledger.client import LedgerClient
+from corolla.ledger.envelope import sign_envelope
+from corolla.ledger.reader import LedgerReader
+from corolla.ledger.store import LedgerStore
+from corolla.ledger.tickets import Ticket
+from corolla.verify.encoding import canonical
+from corolla.verify.identity import Identity, save_identity
+
+LEDGER = seed_identity("ledger")
+CLIENT = seed_identity("client")
+NODE_A = seed_identity("node-a")
+NODE_B = seed_identity("node-b")
+
+
+def build_ledger(path: Path) -> None:
+    """A small log with every kind of entry."""
+    store = LedgerStore(path, LEDGER)
+
+    def submit(author: Identity, action: str, body: Any) -> dict[str, Any]:
+        data = canonical(body)
+        return store.submit(sign_envelope(author, action, data), body)
+
+    try:
+        submit(NODE_A, "register", {"name": "node-a"})
+        submit(NODE_A, "work", {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, steps=3))})
+        submit(NODE_B, "work", {"pairs": pair_dicts(make_pairs(NODE_A, CLIENT, steps=4))})
+        bought = submit(CLIENT, "buy-ticket", {"budget": 8, "ttl_s": 600})
+        ticket = Ticket.from_dict(bought["ticket"]).digest()
+        ticketed = make_pairs(CLIENT, NODE_B, steps=2, prefill=4, ticket=ticket)
+        submit(NODE_B, "redeem", {"pairs": pair_dicts(ticketed)})
+        submit(CLIENT, "evidence", {"accused": NODE_B.public_key.hex(), "evidence": {"x": 1}})
+        submit(
+            LEDGER, "slash", {"account": NODE_B.public_key.hex(), "reason": "r", "evidence": None}
+        )
+    finally:
+        store.close()
+
+
+def run_audit(*args: str) -> Result:
+    app = typer.Typer()
+    register(app)
+    return CliRunner().invoke(app, ["ledger", "audit", *args])
+
+
+def kind_of(db: Path, kind: str) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT MIN(seq) FROM entries WHERE kind = ?", (kind,)).fetchone()[0]
+
+
+def tamper(db: Path, *statements: tuple[str, tuple[Any, ...]]) -> None:
+    conn = sqlite3.connect(db)
+    with conn:
+        for sql, parameters in statements:
+            conn.execute(sql, parameters)
+    conn.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.db"
+    build_ledger(path)
+    result = run_audit("--db", str(path))
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_an_untouched_ledger_passes_the_audit_with_a_summary(db: Path) -> None:
+    result = run_audit("--db", str(db))
+    assert result.exit_code == 0
+    assert "audit of corolla-ledger passed" in result.output
+    assert "receipts re-verified" in result.output
+
+
+def test_changing_one_amount_fails_the_audit_naming_the_entry(db: Path) -> None:
+    seq = kind_of(db, "work_credited")
+    tamper(db, ("UPDATE entries SET amount = amount + 1 WHERE seq = ?", (seq,)))
+    result = run_audit("--db", str(db))
+    assert result.exit_code == 1
+    assert f"entry {seq}: its content does not hash to its leaf hash" in result.output
+
+
+def test_deleting_an_entry_fails_the_audit_naming_it(db: Path) -> None:
+    seq = kind_of(db, "ticket_bought")
+    tamper(db, ("DELETE FROM entries WHERE seq = ?", (seq,)))
+    result = run_audit("--db", str(db))
+    assert result.exit_code == 1
+    assert f"entry {seq}: missing from the log" in result.output
+
+
+def test_reordering_two_entries_fails_the_audit_naming_the_first(db: Path) -> None:
+    first = kind_of(db, "work_credited")
+    tamper(
+        db,
+        ("UPDATE entries SET seq = -1 WHERE seq = ?", (first,)),
+        ("UPDATE entries SET seq = ? WHERE seq = ?", (first, first + 1)),
+        ("UPDATE entries SET seq = ? WHERE seq = -1", (first + 1,)),
+    )
+    result = run_audit("--db", str(db))
+    assert result.exit_code == 1
+    assert f"entry {first}:" in result.output
+
+
+def test_swapping_a_signature_fails_the_audit_naming_the_entry(db: Path) -> None:
+    seq = kind_of(db, "ticket_redeemed")
+    tamper(
+        db,
+        (
+            "UPDATE entries SET author_signature = "
+            "(SELECT author_signature FROM entries WHERE seq = 1) WHERE seq = ?",
+            (seq,),
+        ),
+    )
+    result = run_audit("--db", str(db))
+    assert result.exit_code == 1
+    assert f"entry {seq}:" in result.output
+
+
+def test_a_consistent_forgery_of_amount_and_leaf_hash_is_found_by_the_root_search(
+    db: Path,
+) -> None:
+    seq = kind_of(db, "ticket_redeemed")
+    conn = sqlite3.connect(db)
+
+    entry = LedgerReader(conn).entries(seq, 1)[0]
+    forged = entry.__class__(
+        **{**{f: getattr(entry, f) for f in entry.__slots__}, "amount": entry.amount * 10}
+    )
+    with conn:
+        conn.execute(
+            "UPDATE entries SET amount = ?, leaf_hash = ? WHERE seq = ?",
+            (forged.amount, forged.leaf_hash(), seq),
+        )
+    conn.close()
+    result = run_audit("--db", str(db))
+    assert result.exit_code == 1
+    assert f"entry {seq}: the log's entries do not hash to the signed checkpoint" in result.output
+
+
+def test_editing_a_receipt_inside_the_stored_evidence_fails_the_audit(db: Path) -> None:
+    seq = kind_of(db, "work_credited")
+    with sqlite3.connect(db) as conn:
+        op, body = conn.execute(
+            "SELECT o.op, o.body FROM operations o JOIN entries e ON e.op = o.op WHERE e.seq = ?",
+            (seq,),
+        ).fetchone()
+        first = conn.execute("SELECT MIN(seq) FROM entries WHERE op = ?", (op,)).fetchone()[0]
+    position = body.index(b'"signature":"') + len(b'"signature":"') + 10
+    digit = b"1" if body[position : position + 1] == b"0" else b"0"
+    edited = body[:position] + digit + body[position + 1 :]
+    tamper(db, ("UPDATE operations SET body = ? WHERE op = ?", (edited, op)))
+    result = run_audit("--db", str(db))
+    assert result.exit_code == 1
+    assert f"entry {first}: it does not match the signed operation behind it" in result.output
+
+
+def test_a_forged_cached_balance_fails_the_audit(db: Path) -> None:
+    tamper(
+        db, ("UPDATE accounts SET balance = balance + 1000 WHERE account = ?", (NODE_A.public_key,))
+    )
+    result = run_audit("--db", str(db), "--json")
+    assert result.exit_code == 1
+    assert "the ledger serves balance" in result.output
+
+
+def test_a_ledger_that_rewrites_history_between_two_audits_is_caught(tmp_path: Path) -> None:
+    db, key, state = tmp_path / "ledger.db", tmp_path / "ledger.key", tmp_path / "audit.json"
+    save_identity(LEDGER, key)
+    node = Identity.generate()
+    with running_server(db, key) as server, LedgerClient(server.url, node) as ledger:
+        ledger.submit_work(make_pairs(CLIENT, node, steps=2))
+        shutil.copy(db, tmp_path / "before.db")  # a consistent snapshot (WAL checkpointed)
+        for path in ("-wal", "-shm"):
+            source = Path(str(db) + path)
+            if source.exists():
+                shutil.copy(source, tmp_path / f"before.db{path}")
+        ledger.submit_work(make_pairs(CLIENT, node, steps=3))
+        first = run_audit("--url", server.url, "--state", str(state))
+        assert first.exit_code == 0, first.output
+    # The operator forks the log from the earlier snapshot and writes another future.
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+        if Path(str(tmp_path / "before.db") + suffix).exists():
+            shutil.copy(str(tmp_path / "before.db") + suffix, str(db) + suffix)
+    with running_server(db, key) as server, LedgerClient(server.url, node) as ledger:
+        for _ in range(3):
+            ledger.submit_work(make_pairs(CLIENT, node, steps=3))
+        again = run_audit("--url", server.url, "--state", str(state))
+        fresh = run_audit("--url", server.url)
+    assert again.exit_code == 1
+    assert "history was rewritten" in again.output
+    assert fresh.exit_code == 0, fresh.output  # the fork alone is a valid log: only memory shows it
+
+
+def test_a_checkpoint_signed_by_another_key_than_the_remembered_one_fails(
+    db: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "audit.json"
+    assert run_audit("--db", str(db), "--state", str(state)).exit_code == 0
+    impostor = tmp_path / "impostor.db"
+    LedgerStore(impostor, Identity.generate()).close()
+    result = run_audit("--db", str(impostor), "--state", str(state))
+    assert result.exit_code == 1
+    assert "expected the ledger's key" in result.output
