@@ -42,9 +42,8 @@ def _root(
 
 def _register() -> None:
     from corolla.client.cli import register as register_client
-    from corolla.node.cli import register as register_node
-
     from corolla.ledger.cli import register as register_ledger
+    from corolla.node.cli import register as register_node
 
     register_node(app)
     register_client(app)

@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import FrameType
 
 import torch
 from hivemind.dht import DHT
@@ -121,8 +124,11 @@ def measure_throughput(span: Span, prompt: int = 16, steps: int = 8) -> float:
     hidden_size = span.hidden_size
     generator = torch.Generator().manual_seed(0)
     cache = span.new_cache(1)
-    prompt = max(1, min(prompt, span.max_length - steps - 1))
-    span.forward(torch.randn(1, prompt, hidden_size, generator=generator, dtype=span.dtype), cache)
+    steps = max(1, min(steps, span.max_length))
+    prompt = max(0, min(prompt, span.max_length - steps))
+    if prompt:
+        shape = (1, prompt, hidden_size)
+        span.forward(torch.randn(shape, generator=generator, dtype=span.dtype), cache)
     timings = []
     for _ in range(steps):
         hidden = torch.randn(1, 1, hidden_size, generator=generator, dtype=span.dtype)
@@ -177,6 +183,19 @@ def _start_dht(config: NodeConfig, identity: Identity) -> DHT:
         raise NodeUnavailable(f"cannot start the DHT or join the swarm: {error}") from None
 
 
+def _interrupt_in(main_pid: int) -> Callable[[int, FrameType | None], None]:
+    """A SIGTERM handler raising KeyboardInterrupt in this process; forked children just die."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    return handler
+
+
 def run_node(config: NodeConfig, behaviour: Behaviour | None = None) -> None:
     """Run a node until SIGINT or SIGTERM; returns after a clean withdrawal."""
     identity = load_or_create_identity(config.identity)
@@ -184,11 +203,22 @@ def run_node(config: NodeConfig, behaviour: Behaviour | None = None) -> None:
     if config.blocks is not None:
         checkpoint.check_span(*config.blocks)
     manifest = load_manifest(checkpoint)
-    dht = _start_dht(config, identity)
+    # Until the event loop takes signals over, SIGTERM interrupts like Ctrl-C does, so that the
+    # DHT process and its daemons are still shut down (if the process just died, the DHT
+    # process would outlive it). System calls restart rather than fail with EINTR in C code
+    # that may not expect it: a node signalled while torch started its shared-memory manager
+    # (for hivemind's MPFuture) was once seen spinning forever.
+    previous = signal.signal(signal.SIGTERM, _interrupt_in(os.getpid()))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.siginterrupt(signum, False)
     try:
-        asyncio.run(_serve(config, identity, checkpoint, manifest, dht, behaviour))
+        dht = _start_dht(config, identity)
+        try:
+            asyncio.run(_serve(config, identity, checkpoint, manifest, dht, behaviour))
+        finally:
+            dht.shutdown()
     finally:
-        dht.shutdown()
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _serve(

@@ -10,12 +10,11 @@ else is refused. ``position`` counts the tokens already in the cache over the wh
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from corolla.errors import InvalidInput, NodeBusy
-from corolla.node.span import SpanCache
+from corolla.node.span import Span, SpanCache
 from corolla.verify.digests import GENESIS_CHAIN
 from corolla.verify.receipts import StepRequest
 
@@ -31,23 +30,25 @@ class SessionConfig:
     max_cache_tokens: int = 32768
     """Cache tokens (summed over every session's batch) the node holds at most."""
     idle_timeout: float = 60.0
-    """Seconds a session may wait for its next message before it is closed."""
+    """Seconds a session may wait for its next message before it is closed (by the service,
+    which waits for each message with this timeout)."""
 
 
 @dataclass
 class Session(Generic[Reply]):
-    """One client's session on this node: its cache, position and last reply."""
+    """One client's session on this node: the blocks it runs, its cache, position, last reply."""
 
     session_id: bytes
     client_key: bytes
     batch_size: int
     max_length: int
+    span: Span
+    """The blocks this session runs: the node's span or a part of it."""
     cache: SpanCache
     next_step: int = 0
     chain: bytes = GENESIS_CHAIN
     last_request: StepRequest | None = None
     last_reply: Reply | None = None
-    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def reserved_tokens(self) -> int:
@@ -69,7 +70,6 @@ class Session(Generic[Reply]):
         Raises :class:`InvalidInput` for a step that skips ahead, an older step, or a retry that
         differs from the request it repeats.
         """
-        self.last_used = time.monotonic()
         if request.step == self.next_step:
             return None
         last = self.last_request
@@ -91,7 +91,6 @@ class Session(Generic[Reply]):
         self.chain = chain
         self.last_request = request
         self.last_reply = reply
-        self.last_used = time.monotonic()
 
 
 class SessionTable(Generic[Reply]):
@@ -123,9 +122,9 @@ class SessionTable(Generic[Reply]):
         client_key: bytes,
         batch_size: int,
         max_length: int,
-        cache: SpanCache,
+        span: Span,
     ) -> Session[Reply]:
-        """Reserve room for a new session; :class:`NodeBusy` if it does not fit."""
+        """Reserve room for a new session running ``span``; :class:`NodeBusy` if it does not fit."""
         if session_id in self._sessions:
             raise InvalidInput("a session with this id is already open on this node")
         wanted = batch_size * max_length
@@ -134,7 +133,9 @@ class SessionTable(Generic[Reply]):
                 f"no room for a session of {batch_size} x {max_length} = {wanted} cache tokens: "
                 f"{self.free_tokens} of {self.config.max_cache_tokens} free"
             )
-        session: Session[Reply] = Session(session_id, client_key, batch_size, max_length, cache)
+        session: Session[Reply] = Session(
+            session_id, client_key, batch_size, max_length, span, span.new_cache(batch_size)
+        )
         self._sessions[session_id] = session
         return session
 

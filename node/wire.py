@@ -427,11 +427,16 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class ErrorReply:
-    """Node -> client: a refusal. The session (if any) is left as it was before the message."""
+    """Node -> client: a refusal.
+
+    If ``fatal`` is false the session (if any) is left as it was before the refused message and
+    the stream stays open; if true the node frees the session and ends the stream.
+    """
 
     code: str
     message: str
     step: int | None = None
+    fatal: bool = False
 
     def __post_init__(self) -> None:
         if self.code not in ErrorCode.ALL:
@@ -441,23 +446,26 @@ class ErrorReply:
         object.__setattr__(self, "message", self.message[:_MAX_ERROR_TEXT])
         if self.step is not None:
             _check_int("step", self.step, 0)
+        if not isinstance(self.fatal, bool):
+            raise InvalidInput("fatal must be a bool")
 
     def to_message(self) -> Message:
         return Message(KIND_ERROR, _fields_of(self))
 
     @classmethod
     def from_message(cls, message: Message) -> ErrorReply:
-        fields = _body(message, KIND_ERROR, ["code", "message", "step"], tensors=0)
-        return cls(fields["code"], fields["message"], fields["step"])
+        return cls(**_body(message, KIND_ERROR, cls.__dataclass_fields__, tensors=0))
 
     @classmethod
-    def from_error(cls, error: Exception, step: int | None = None) -> ErrorReply:
+    def from_error(
+        cls, error: Exception, step: int | None = None, fatal: bool = False
+    ) -> ErrorReply:
         """The reply for an error raised while serving a request."""
         if isinstance(error, NodeBusy):
-            return cls(ErrorCode.BUSY, str(error), step)
+            return cls(ErrorCode.BUSY, str(error), step, fatal)
         if isinstance(error, CorollaError):
-            return cls(ErrorCode.INVALID, str(error), step)
-        return cls(ErrorCode.INTERNAL, f"internal error: {type(error).__name__}", step)
+            return cls(ErrorCode.INVALID, str(error), step, fatal)
+        return cls(ErrorCode.INTERNAL, f"internal error: {type(error).__name__}", step, fatal)
 
     def to_exception(self, peer_id: str | None = None) -> NodeError:
         """:class:`NodeBusy` for ``busy``, otherwise :class:`RemoteError`."""
@@ -701,13 +709,21 @@ class InferenceStream:
         await self._connect()
         try:
             async with asyncio.timeout(timeout):
-                return await read_reply(self._parts, self.limits, self.peer_id)
+                message = await _read_message(self._parts, self.limits, self.peer_id)  # type: ignore[arg-type]
         except TimeoutError:
             reason = f"node {self.peer_id} did not answer within {timeout} s"
         except NodeUnavailable as error:
             reason = str(error)
         except (*_TRANSPORT_ERRORS, TypeError, ValueError) as error:
             reason = f"stream to node {self.peer_id} broke: {error!r}"
+        else:
+            if message.kind != KIND_ERROR:
+                return message
+            reply = _error_reply(message, self.peer_id)
+            if reply.fatal:  # the node has ended the stream: let it go at once
+                self._dead = f"node {self.peer_id} ended the stream: {reply.message}"
+                await self.abort()
+            raise reply.to_exception(str(self.peer_id))
         await self._die(reason)
         raise AssertionError("unreachable")  # _die raises
 
@@ -757,6 +773,15 @@ async def read_reply(
 
     A malformed reply raises :class:`RemoteError`, an ended stream :class:`NodeUnavailable`.
     """
+    message = await _read_message(responses, limits, peer_id)
+    if message.kind == KIND_ERROR:
+        raise _error_reply(message, peer_id).to_exception(str(peer_id))
+    return message
+
+
+async def _read_message(
+    responses: AsyncIterator[runtime_pb2.ExpertResponse], limits: WireLimits, peer_id: PeerID
+) -> Message:
     try:
         frame = await receive_frame(responses, limits)
     except P2PHandlerError as error:
@@ -766,18 +791,16 @@ async def read_reply(
     if frame is None:
         raise NodeUnavailable(f"node {peer_id} ended the stream", str(peer_id))
     try:
-        message = decode_frame(frame, limits)
+        return decode_frame(frame, limits)
     except InvalidInput as error:
         raise RemoteError(f"node {peer_id} sent a malformed reply: {error}", str(peer_id)) from None
-    if message.kind == KIND_ERROR:
-        try:
-            reply = ErrorReply.from_message(message)
-        except InvalidInput as error:
-            raise RemoteError(
-                f"node {peer_id} sent a malformed error: {error}", str(peer_id)
-            ) from None
-        raise reply.to_exception(str(peer_id))
-    return message
+
+
+def _error_reply(message: Message, peer_id: PeerID) -> ErrorReply:
+    try:
+        return ErrorReply.from_message(message)
+    except InvalidInput as error:
+        raise RemoteError(f"node {peer_id} sent a malformed error: {error}", str(peer_id)) from None
 
 
 async def _aiter_of(items: Iterable[_Part]) -> AsyncIterator[_Part]:
