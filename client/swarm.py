@@ -13,7 +13,7 @@ from hivemind.p2p import P2P, PeerID
 from corolla.client.bans import BanList
 from corolla.client.routing import Hop, find_route
 from corolla.errors import CorollaError, InvalidInput, NodeUnavailable, RouteUnavailable
-from corolla.node.records import NodeState, ServerRecord, fetch_records
+from corolla.node.records import NodeState, RecordValidator, ServerRecord, fetch_records
 from corolla.node.wire import request_info
 
 __all__ = ["ClientConfig", "Swarm"]
@@ -78,6 +78,7 @@ class Swarm:
                 initial_peers=list(config.initial_peers),
                 client_mode=True,
                 start=True,
+                record_validators=[RecordValidator()],
                 startup_timeout=config.connect_timeout,
             )
         except Exception as error:

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except CorollaError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
@@ -83,3 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    if isinstance(code, int) and code:
+        if code == 130:
+            click.echo("interrupted", err=True)
+        sys.exit(code)

@@ -222,7 +222,7 @@ def write_libp2p_identity(identity: Identity, path: str | os.PathLike[str]) -> P
     is :func:`peer_id_of` of the node's public key.
     """
     path = Path(path)
-    seed = identity._seed  # the key file's own secret, re-encoded for libp2p
+    seed = identity.export_seed()  # the key file's own secret, re-encoded for libp2p
     proto = crypto_pb2.PrivateKey(
         key_type=crypto_pb2.KeyType.Ed25519, data=seed + identity.public_key
     ).SerializeToString()

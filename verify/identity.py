@@ -77,6 +77,13 @@ class Identity:
         """The identity derived deterministically from a 32-byte seed (tests, simulations)."""
         return cls(seed)
 
+    def export_seed(self) -> bytes:
+        """The 32-byte private seed, for re-encoding the same key in another format (libp2p).
+
+        Anyone holding it can sign as this identity: never send or log it.
+        """
+        return self._seed
+
     @property
     def public_key(self) -> bytes:
         """The 32-byte Ed25519 public key."""
