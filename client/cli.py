@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from corolla.client.local import LocalBackbone, even_splits
 from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.remote import RemoteSession
 from corolla.client.session import WorkRecord
+from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import DEFAULT_CLIENT_IDENTITY, ClientConfig
 from corolla.errors import InvalidInput
 from corolla.node.checkpoint import parse_span
@@ -34,6 +36,20 @@ class TextStream:
         self._enabled = enabled
         self._ids: list[int] = []
         self._printed = 0
+
+    def rewind(self, kept: int) -> None:
+        """A node was caught cheating: everything after `kept` tokens is regenerated."""
+        self._ids = self._ids[:kept]
+        self._printed = 0
+        if self._enabled:
+            text = self._head.tokenizer.decode(self._ids, skip_special_tokens=True)
+            _status.print(
+                "\n[yellow]a spot-check caught a node returning wrong activations; it is banned "
+                f"and the text is regenerated from token {kept}:[/yellow]"
+            )
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self._printed = len(text)
 
     def __call__(self, tokens: torch.Tensor) -> None:
         self._ids.append(int(tokens[0]))
@@ -77,6 +93,9 @@ def generate_command(
     allow: list[str] = typer.Option([], "--allow", help="Use only these peer ids (repeat)."),
     block: list[str] = typer.Option([], "--block", help="Never use these peer ids (repeat)."),
     step_timeout: float = typer.Option(30.0, "--step-timeout", help="Seconds per node step."),
+    check_rate: float = typer.Option(
+        0.05, "--check-rate", help="Fraction of steps spot-checked on a second peer (0 = off)."
+    ),
 ) -> None:
     """Generate text after PROMPT, streamed to the terminal as it is produced."""
     if not prompt:
@@ -113,7 +132,10 @@ def generate_command(
                 block=frozenset(block),
                 step_timeout=step_timeout,
             )
-            remote = DistributedModelForCausalLM.from_pretrained(model, config=client_config)
+            checks = SpotCheckConfig(rate=check_rate) if check_rate > 0 else None
+            remote = DistributedModelForCausalLM.from_pretrained(
+                model, config=client_config, checks=checks
+            )
             head, backbone = remote.head, remote.backbone
     try:
         loaded = time.perf_counter()
@@ -122,7 +144,9 @@ def generate_command(
         if not as_json:
             sys.stdout.write(prompt)
             sys.stdout.flush()
-        new_ids = generate(head, backbone, input_ids, config, on_tokens=stream)[0]
+        new_ids = generate(
+            head, backbone, input_ids, config, on_tokens=stream, on_rewind=stream.rewind
+        )[0]
         finished = time.perf_counter()
         session = remote.backbone.last_session if remote is not None else None
     finally:
@@ -163,6 +187,17 @@ def _swarm_summary(session: RemoteSession) -> dict[str, object]:
             {"peer_id": hop.peer_id, "blocks": [hop.start, hop.end]} for hop in session.route
         ],
         "verified_receipts": len(session.work),
+        "spot_checks": [
+            {
+                "peer_id": c.peer_id,
+                "blocks": [c.start, c.end],
+                "steps": c.steps,
+                "verdict": c.verdict,
+                "verifiers": list(c.verifiers),
+                "note": c.note,
+            }
+            for c in session.checks
+        ],
         "failovers": [
             {
                 "peer_id": f.peer_id,
@@ -182,6 +217,12 @@ def _print_summary(summary: dict[str, object]) -> None:
     )
     _status.print(f"route: {route}")
     _status.print(f"verified receipts: {summary['verified_receipts']}")
+    checks = summary["spot_checks"]
+    verdicts = Counter(check["verdict"] for check in checks)  # type: ignore[index,union-attr]
+    if checks:
+        _status.print(
+            "spot-checks: " + ", ".join(f"{count} {verdict}" for verdict, count in verdicts.items())
+        )
     for failover in summary["failovers"]:  # type: ignore[attr-defined]
         _status.print(
             f"failover: {failover['peer_id'][-8:]} blocks {failover['blocks']} replaced by "
