@@ -1,0 +1,76 @@
+"""The node's priority queue: ticketed first, FIFO within a class, bounded, busy when full."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from corolla.errors import NodeBusy
+from corolla.node.scheduler import Priority, PriorityScheduler, SchedulerConfig
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+async def _blocked(scheduler: PriorityScheduler, gate: threading.Event) -> asyncio.Task:
+    """Occupy the worker until `gate` is set, so later jobs queue up."""
+    task = asyncio.ensure_future(scheduler.run(Priority.FREE, gate.wait))
+    while not scheduler.served:
+        await asyncio.sleep(0.001)
+    return task
+
+
+async def test_ticketed_jobs_overtake_queued_free_jobs_fifo_within_a_class(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+    gate = threading.Event()
+    blocker = await _blocked(scheduler, gate)
+    order: list[str] = []
+    jobs = [
+        asyncio.ensure_future(scheduler.run(priority, lambda name=name: order.append(name)))
+        for name, priority in [
+            ("free-1", Priority.FREE),
+            ("free-2", Priority.FREE),
+            ("paid-1", Priority.HIGH),
+            ("free-3", Priority.FREE),
+            ("paid-2", Priority.HIGH),
+        ]
+    ]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(blocker, *jobs)
+    assert order == ["paid-1", "paid-2", "free-1", "free-2", "free-3"]
+
+
+async def test_a_flood_of_free_jobs_is_refused_busy_but_ticketed_jobs_still_get_in(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(max_queue=6, max_free_queue=4), executor)
+    gate = threading.Event()
+    blocker = await _blocked(scheduler, gate)
+    free = [asyncio.ensure_future(scheduler.run(Priority.FREE, lambda: "f")) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(NodeBusy, match="busy"):
+        await scheduler.run(Priority.FREE, lambda: "one too many")
+    paid = [asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: "p")) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(NodeBusy, match="busy"):
+        await scheduler.run(Priority.HIGH, lambda: "queue full")
+    gate.set()
+    assert await asyncio.gather(*paid) == ["p", "p"]
+    assert await asyncio.gather(*free) == ["f"] * 4
+    await blocker
+
+
+async def test_a_failing_job_reports_its_error_and_the_queue_keeps_serving(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+
+    def fail() -> None:
+        raise ValueError("broken step")
+
+    with pytest.raises(ValueError, match="broken step"):
+        await scheduler.run(Priority.FREE, fail)
+    assert await scheduler.run(Priority.FREE, lambda: 42) == 42
