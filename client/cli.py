@@ -16,12 +16,16 @@ from corolla.client.generation import Backbone, GenerationConfig, generate
 from corolla.client.head import ClientHead, load_head
 from corolla.client.local import LocalBackbone, even_splits
 from corolla.client.model import DistributedModelForCausalLM
+from corolla.client.priority import PriorityConfig, TicketWallet, trusted_keys
 from corolla.client.remote import RemoteSession
+from corolla.client.reporting import report_session
 from corolla.client.session import WorkRecord
 from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import DEFAULT_CLIENT_IDENTITY, ClientConfig
-from corolla.errors import InvalidInput
+from corolla.errors import InvalidInput, RouteUnavailable
+from corolla.ledger.client import LedgerClient
 from corolla.node.checkpoint import parse_span
+from corolla.verify.identity import load_or_create_identity
 
 __all__ = ["register"]
 
@@ -96,6 +100,18 @@ def generate_command(
     check_rate: float = typer.Option(
         0.05, "--check-rate", help="Fraction of steps spot-checked on a second peer (0 = off)."
     ),
+    ledger: str | None = typer.Option(
+        None, "--ledger", help="Ledger URL: report the work, checks and caught cheaters there."
+    ),
+    priority: str = typer.Option(
+        "free", "--priority", help="free, or high: pay points for a ticket and trusted peers."
+    ),
+    min_reputation: int = typer.Option(
+        1, "--min-reputation", help="With --priority high: the reputation a peer needs."
+    ),
+    fallback_free: bool = typer.Option(
+        False, "--fallback-free", help="With --priority high: use the free route if no trusted one."
+    ),
 ) -> None:
     """Generate text after PROMPT, streamed to the terminal as it is produced."""
     if not prompt:
@@ -103,6 +119,10 @@ def generate_command(
     peers = tuple(p for item in initial_peers for p in item.split(",") if p)
     if local == bool(peers):
         raise InvalidInput("give either --local or --initial-peers ADDR (where the swarm is)")
+    if priority not in ("free", "high"):
+        raise InvalidInput("--priority is free or high")
+    if priority == "high" and ledger is None:
+        raise InvalidInput("--priority high needs --ledger URL (tickets are bought there)")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=sample or temperature is not None or top_k is not None or top_p is not None,
@@ -132,11 +152,23 @@ def generate_command(
                 block=frozenset(block),
                 step_timeout=step_timeout,
             )
-            checks = SpotCheckConfig(rate=check_rate) if check_rate > 0 else None
+            paid = (
+                PriorityConfig(ledger_url=ledger, min_reputation=min_reputation)
+                if priority == "high" and ledger is not None
+                else None
+            )
+            rate = max(check_rate, paid.check_rate) if paid is not None else check_rate
+            checks = SpotCheckConfig(rate=rate) if rate > 0 else None
             remote = DistributedModelForCausalLM.from_pretrained(
                 model, config=client_config, checks=checks
             )
             head, backbone = remote.head, remote.backbone
+            if paid is not None:
+                try:
+                    _buy_priority(remote, paid, identity, fallback_free)
+                except BaseException:
+                    remote.close()
+                    raise
     try:
         loaded = time.perf_counter()
         input_ids = head.tokenizer(prompt, return_tensors="pt").input_ids  # 1, prompt
@@ -154,6 +186,8 @@ def generate_command(
             remote.close()
     text = head.tokenizer.decode(new_ids.tolist(), skip_special_tokens=True)
     swarm_summary = _swarm_summary(session) if session is not None else None
+    if ledger is not None and session is not None and swarm_summary is not None:
+        swarm_summary["ledger"] = _report(ledger, identity, session)
     if receipts is not None:
         if session is None:
             raise InvalidInput("--receipts needs the swarm: local generation signs nothing")
@@ -223,11 +257,71 @@ def _print_summary(summary: dict[str, object]) -> None:
         _status.print(
             "spot-checks: " + ", ".join(f"{count} {verdict}" for verdict, count in verdicts.items())
         )
+    report = summary.get("ledger")
+    if isinstance(report, dict):
+        _status.print(
+            f"reported {report['pairs']} receipts and {report['attestations']} spot-checks "
+            "to the ledger"
+        )
+        for verdict in report["evidence"]:
+            _status.print(f"evidence against {verdict['accused'][:16]}: {verdict['verdict']}")
     for failover in summary["failovers"]:  # type: ignore[attr-defined]
         _status.print(
             f"failover: {failover['peer_id'][-8:]} blocks {failover['blocks']} replaced by "
             f"{', '.join(p[-8:] for p in failover['replacements'])} ({failover['reason']})"
         )
+
+
+def _buy_priority(
+    remote: DistributedModelForCausalLM,
+    paid: PriorityConfig,
+    identity_path: Path,
+    fallback_free: bool,
+) -> None:
+    """Attach a ticket and restrict the route to trusted peers; say what it costs."""
+    identity = load_or_create_identity(identity_path)
+    backbone = remote.backbone
+    manifest = backbone.manifest
+    with LedgerClient(paid.ledger_url, identity) as client:
+        records = backbone.run(backbone.swarm.servers(manifest.model_digest, manifest.num_blocks))
+        try:
+            backbone.swarm.trusted = trusted_keys(client, records, paid.min_reputation)
+            backbone.run(
+                backbone.swarm.route(
+                    manifest.model_digest, manifest.num_blocks, 0, manifest.num_blocks
+                )
+            )
+        except RouteUnavailable as error:
+            backbone.swarm.trusted = None
+            if not fallback_free:
+                raise RouteUnavailable(
+                    f"no trusted route covers the model ({error}); run without --priority high, "
+                    "or add --fallback-free, to use the free route"
+                ) from None
+            _status.print(f"[yellow]no trusted route ({error}); using the free route[/yellow]")
+            return
+        bought = TicketWallet(paid.wallet, client).ticket_for(paid, identity.public_key)
+    backbone.ticket = bought.ticket
+    action = f"bought for {bought.cost} points" if bought.bought else "reused"
+    _status.print(
+        f"priority ticket {bought.ticket.digest().hex()[:12]} {action}: "
+        f"{bought.budget_left} of {bought.ticket.budget} block-tokens left, "
+        f"trusted peers: {len(backbone.swarm.trusted or ())}"
+    )
+
+
+def _report(url: str, identity_path: Path, session: RemoteSession) -> dict[str, object]:
+    with LedgerClient(url, load_or_create_identity(identity_path)) as client:
+        summary = report_session(client, session.work, session.checks)
+    return {
+        "pairs": summary.pairs,
+        "attestations": summary.attestations,
+        "evidence": [
+            {"accused": v.accused.hex(), "verdict": v.verdict, "reason": v.reason}
+            for v in summary.verdicts
+        ],
+        "evidence_refused": summary.refused,
+    }
 
 
 def _write_work(path: Path, work: list[WorkRecord]) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 
@@ -12,10 +13,13 @@ from corolla.client.runtime import BackgroundLoop
 from corolla.client.session import Failover, SwarmSession, WorkRecord
 from corolla.client.spotcheck import CheckOutcome, SpotCheckConfig, SpotChecker
 from corolla.client.swarm import Swarm
+from corolla.ledger.tickets import Ticket
 from corolla.node.manifest import Manifest
 from corolla.verify.identity import Identity
 
 __all__ = ["RemoteBackbone", "RemoteSession"]
+
+T = TypeVar("T")
 
 
 class RemoteSession:
@@ -71,11 +75,23 @@ class RemoteBackbone:
         self.identity = identity
         self._loop = loop
         self.last_session: RemoteSession | None = None
+        self.ticket: Ticket | None = None
+        """Attached to every session while set (see corolla.client.priority)."""
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the client's loop (for swarm queries from synchronous code)."""
+        return self._loop.run(coroutine)
 
     @contextmanager
     def inference_session(self, batch_size: int, max_length: int) -> Iterator[RemoteSession]:
         core = SwarmSession(
-            self.swarm, self.manifest, self.identity, batch_size, max_length, self.checker
+            self.swarm,
+            self.manifest,
+            self.identity,
+            batch_size,
+            max_length,
+            self.checker,
+            self.ticket,
         )
         session = RemoteSession(core, self._loop)
         self.last_session = session

@@ -22,6 +22,7 @@ from hivemind.p2p import PeerID
 
 from corolla import PROTOCOL_VERSION
 from corolla.client.generation import Rewind
+from corolla.client.priority import encode_ticket
 from corolla.client.routing import Hop
 from corolla.client.spotcheck import CheckOutcome, SpotChecker
 from corolla.client.swarm import Swarm
@@ -33,6 +34,7 @@ from corolla.errors import (
     SessionError,
     VerificationError,
 )
+from corolla.ledger.tickets import Ticket
 from corolla.node.manifest import Manifest
 from corolla.node.wire import InferenceStream, OpenSession, StepMessage
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
@@ -113,8 +115,11 @@ class SwarmSession:
         batch_size: int,
         max_length: int,
         checker: SpotChecker | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
         self.swarm = swarm
+        self.ticket = ticket
+        self.priority_notes: list[str] = []
         self.checker = checker
         self.checks: list[CheckOutcome] = []
         self._pending: list[tuple[_Link, asyncio.Task[CheckOutcome]]] = []
@@ -204,12 +209,16 @@ class SwarmSession:
             start=hop.start,
             end=hop.end,
             client_key=self.identity.public_key,
+            ticket=encode_ticket(self.ticket) if self.ticket is not None else None,
         )
         try:
-            await stream.open(request, timeout=self.swarm.config.open_timeout)
+            opened = await stream.open(request, timeout=self.swarm.config.open_timeout)
         except BaseException:
             await stream.abort()
             raise
+        note = getattr(opened, "note", "")
+        if note:
+            self.priority_notes.append(f"{hop.peer_id}: {note}")
         return _Link(hop, stream, self.manifest.span_digest(hop.start, hop.end))
 
     async def _forward(self, link: _Link, x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +237,7 @@ class SwarmSession:
             position=link.position,
             tokens=tokens,
             input_digest=tensor_digest(x),
+            ticket_digest=self.ticket.digest() if self.ticket is not None else None,
         )
         reply = await link.stream.step(
             StepMessage(request, x), timeout=self.swarm.config.step_timeout

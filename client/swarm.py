@@ -67,6 +67,8 @@ class Swarm:
         self.config = config
         self.bans = BanList(base_seconds=config.ban_seconds)
         self.rtts: dict[str, float] = {}
+        self.trusted: frozenset[bytes] | None = None
+        """If set, only nodes with these public keys are used (priority routes)."""
         self._views: dict[bytes, _View] = {}
         self._closed = False
 
@@ -108,6 +110,7 @@ class Swarm:
             and not self.bans.is_banned(record.peer_id)
             and (not config.allow or record.peer_id in config.allow)
             and record.peer_id not in config.block
+            and (self.trusted is None or record.public_key in self.trusted)
         )
 
     async def measure(self, records: list[ServerRecord]) -> None:
