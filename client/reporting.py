@@ -62,9 +62,11 @@ def report_session(
         attestations = attestations_of(checks)
         ledger.submit_report(pairs, attestations)
         summary.pairs, summary.attestations = len(pairs), len(attestations)
+    accused: set[bytes] = set()
     for check in checks:
-        if check.evidence is None:
+        if check.evidence is None or check.node_key in accused:
             continue
+        accused.add(check.node_key)
         try:
             summary.verdicts.append(ledger.submit_evidence(check.evidence))
         except LedgerError as error:

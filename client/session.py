@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import cast
 
 import torch
 from hivemind.p2p import PeerID
@@ -35,6 +34,7 @@ from corolla.errors import (
     VerificationError,
 )
 from corolla.ledger.tickets import Ticket
+from corolla.node.behaviour import BENCHMARK_UNSIGNED_ENV, unsigned_signer
 from corolla.node.manifest import Manifest
 from corolla.node.wire import InferenceStream, OpenSession, StepMessage
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
@@ -45,19 +45,6 @@ from corolla.verify.receipts import Receipt, StepRequest, sign_request, verify_r
 __all__ = ["Failover", "SwarmSession", "WorkRecord"]
 
 _NODE_FAULTS = (NodeError, VerificationError, InvalidInput)
-
-BENCHMARK_UNSIGNED_ENV = "COROLLA_BENCHMARK_UNSIGNED"
-"""Set to 1 by benchmarks/swarm_generation.py only: sign nothing, check no receipt."""
-
-
-@dataclass(frozen=True)
-class _NoSignatures:
-    """The benchmark's stand-in signer: same public key, an all-zero signature."""
-
-    public_key: bytes
-
-    def sign(self, message: bytes) -> bytes:
-        return bytes(64)
 
 
 """What a node can cause: each bans the node and triggers failover, never reaches the user."""
@@ -138,9 +125,7 @@ class SwarmSession:
         self.rewinds: list[CheckOutcome] = []
         self._closed = False
         self._unsigned = os.environ.get(BENCHMARK_UNSIGNED_ENV) == "1"
-        self._signer = cast(
-            Identity, _NoSignatures(identity.public_key) if self._unsigned else identity
-        )
+        self._signer = unsigned_signer(identity) if self._unsigned else identity
 
     @property
     def route(self) -> list[Hop]:
@@ -337,6 +322,11 @@ class SwarmSession:
                 still.append((link, task))
                 continue
             outcome = task.result()
+            if outcome.verdict == "caught" and any(
+                earlier.peer_id == outcome.peer_id and earlier.verdict == "caught"
+                for earlier in self.checks
+            ):
+                continue  # another check of the same cheater, caught already
             self.checks.append(outcome)
             if outcome.passed:
                 link.verified = max(link.verified, outcome.steps)

@@ -25,6 +25,7 @@ __all__ = [
     "IdentityOption",
     "IdleTimeoutOption",
     "InitialPeersOption",
+    "LedgerOption",
     "MaxCacheTokensOption",
     "MaxRequestBytesOption",
     "ModelOption",
@@ -75,6 +76,12 @@ IdleTimeoutOption = Annotated[
 MaxRequestBytesOption = Annotated[
     int, typer.Option("--max-request-bytes", help="Most tensor bytes one request may carry.")
 ]
+LedgerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ledger", help="Ledger URL: show the points this node earns there, live (polled)."
+    ),
+]
 
 _DEFAULT_LIMITS = WireLimits()
 _DEFAULT_SESSIONS = SessionConfig()
@@ -94,6 +101,7 @@ def node_config(
     refresh_period: float,
     idle_timeout: float,
     max_request_bytes: int,
+    ledger: str | None = None,
 ) -> NodeConfig:
     """The :class:`NodeConfig` the command-line options describe (validated)."""
     peers = tuple(peer for value in initial_peers or () for peer in value.replace(",", " ").split())
@@ -118,6 +126,7 @@ def node_config(
         identity=identity,
         quant=quant,
         refresh_period=refresh_period,
+        ledger=ledger,
         service=ServiceConfig(
             limits=WireLimits(max_tensor_bytes=max_request_bytes),
             sessions=SessionConfig(max_cache_tokens=max_cache_tokens, idle_timeout=idle_timeout),
@@ -138,6 +147,7 @@ def run(
     refresh_period: RefreshPeriodOption = 30.0,
     idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout,
     max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes,
+    ledger: LedgerOption = None,
 ) -> None:
     """Serve blocks of a model to the swarm; prints the multiaddr others join with."""
     config = node_config(
@@ -153,6 +163,7 @@ def run(
         refresh_period=refresh_period,
         idle_timeout=idle_timeout,
         max_request_bytes=max_request_bytes,
+        ledger=ledger,
     )
     run_node(config)
 

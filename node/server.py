@@ -7,7 +7,8 @@ Lifecycle of :func:`run_node`:
 3. choose the span (``--blocks``, or the ``--num-blocks`` window the swarm covers worst);
 4. announce ``joining``, load the span, measure its throughput with real forward passes;
 5. register the RPC handlers, announce ``online``, print ``listening on <multiaddr>``;
-6. re-announce every ``refresh_period`` (records expire after twice that);
+6. re-announce every ``refresh_period`` (records expire after twice that) and, with a ledger
+   URL, print the node's points when they change (:mod:`corolla.node.points`);
 7. on SIGINT/SIGTERM announce ``offline``, stop the handlers, the DHT and its daemons, exit 0.
 """
 
@@ -34,6 +35,7 @@ from corolla import __version__
 from corolla.errors import InvalidInput, NodeUnavailable
 from corolla.node.checkpoint import Checkpoint
 from corolla.node.manifest import Manifest, load_manifest
+from corolla.node.points import PointsWatcher, check_ledger_url
 from corolla.node.records import (
     NodeState,
     RecordValidator,
@@ -43,7 +45,7 @@ from corolla.node.records import (
     sign_record,
     write_libp2p_identity,
 )
-from corolla.node.service import Behaviour, NodeService, ServiceConfig
+from corolla.node.service import BENCHMARK_UNSIGNED_ENV, Behaviour, NodeService, ServiceConfig
 from corolla.node.span import Span, load_span
 from corolla.node.wire import NAMESPACE
 from corolla.verify.identity import Identity, load_or_create_identity
@@ -78,6 +80,8 @@ class NodeConfig:
     quant: str = "none"
     refresh_period: float = 30.0
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    ledger: str | None = None
+    """URL of a ledger: the node shows the points it has earned there, live."""
 
     def __post_init__(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -88,6 +92,8 @@ class NodeConfig:
             raise InvalidInput("--refresh-period must be positive")
         if not 0 <= self.port < 65536:
             raise InvalidInput("--port must be in 0..65535")
+        if self.ledger is not None:
+            check_ledger_url(self.ledger)
 
 
 def libp2p_identity_path(identity_path: Path) -> Path:
@@ -197,7 +203,20 @@ def _interrupt_in(main_pid: int) -> Callable[[int, FrameType | None], None]:
 
 
 def run_node(config: NodeConfig, behaviour: Behaviour | None = None) -> None:
-    """Run a node until SIGINT or SIGTERM; returns after a clean withdrawal."""
+    """Run a node until SIGINT or SIGTERM; returns after a clean withdrawal.
+
+    With ``COROLLA_BENCHMARK_UNSIGNED=1`` in the environment (benchmarks only) the node checks no
+    client signature and signs its receipts with zeros; it says so loudly at startup.
+    """
+    if os.environ.get(BENCHMARK_UNSIGNED_ENV) == "1":
+        config = replace(config, service=replace(config.service, benchmark_unsigned=True))
+    if config.service.benchmark_unsigned:
+        print(
+            f"WARNING: {BENCHMARK_UNSIGNED_ENV}=1: this node checks NO client signature and signs "
+            "NO receipt (all-zero signatures). For benchmarks only: normal clients reject it.",
+            file=sys.stderr,
+            flush=True,
+        )
     identity = load_or_create_identity(config.identity)
     checkpoint = Checkpoint(config.model)
     if config.blocks is not None:
@@ -259,7 +278,8 @@ async def _serve(
     await announcer.store(None, NodeState.JOINING)
 
     span = await asyncio.to_thread(load_span, config.model, start, end, config.quant)
-    service = NodeService(span, identity, config.service, behaviour)
+    # In a thread: a behaviour may load weights of its own when it is attached to the span.
+    service = await asyncio.to_thread(NodeService, span, identity, config.service, behaviour)
     announcer.template = replace(
         template, dtype=service.dtype_name, quant=span.quant, span_digest=span.digest
     )
@@ -279,6 +299,12 @@ async def _serve(
     for maddr in maddrs:
         print(f"{LISTENING_PREFIX}{maddr}", flush=True)
 
+    watcher: asyncio.Task[None] | None = None
+    if config.ledger is not None:
+        points = PointsWatcher(
+            check_ledger_url(config.ledger), identity.public_key, config.refresh_period
+        )
+        watcher = asyncio.create_task(points.run(stop))
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -286,6 +312,10 @@ async def _serve(
             if not stop.is_set():
                 await announcer.store(service, NodeState.ONLINE)
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
         service.state = NodeState.OFFLINE
         with contextlib.suppress(Exception):
             await asyncio.wait_for(announcer.store(service, NodeState.OFFLINE), 10)

@@ -9,8 +9,13 @@ and leaves the session as it was; only a broken framing (the stream is out of sy
 timeout or an internal failure of the span ends the stream. Compute runs on one worker thread so
 the event loop keeps serving other peers.
 
-What a node does with a step goes through a :class:`Behaviour` (honest here);
-:mod:`corolla.simulations.adversaries` supplies dishonest ones for tests and simulations.
+What a node does with a step goes through a :class:`~corolla.node.behaviour.Behaviour` (honest
+by default; re-exported here): :mod:`corolla.simulations.adversaries` supplies dishonest ones.
+
+``ServiceConfig.benchmark_unsigned`` (set by the node process when ``COROLLA_BENCHMARK_UNSIGNED=1``)
+exists only for ``benchmarks/swarm_generation.py``, to measure what signatures cost: the node then
+checks no client signature and signs its receipts with 64 zero bytes, which every normal client
+rejects.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hivemind.proto import runtime_pb2
 
 from corolla import PROTOCOL_VERSION, __version__
 from corolla.errors import CorollaError, InvalidInput
+from corolla.node.behaviour import BENCHMARK_UNSIGNED_ENV, Behaviour, unsigned_signer
 from corolla.node.records import NodeState
 from corolla.node.sessions import Session, SessionConfig, SessionTable
 from corolla.node.span import Span
@@ -52,9 +58,9 @@ from corolla.node.wire import (
 )
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
-from corolla.verify.receipts import Receipt, StepRequest, make_receipt, verify_request
+from corolla.verify.receipts import StepRequest, verify_request
 
-__all__ = ["Behaviour", "NodeService", "ServiceConfig"]
+__all__ = ["BENCHMARK_UNSIGNED_ENV", "Behaviour", "NodeService", "ServiceConfig"]
 
 logger = logging.getLogger("corolla.node")
 LINGER_SECONDS = 5.0
@@ -66,28 +72,8 @@ class ServiceConfig:
 
     limits: WireLimits = field(default_factory=WireLimits)
     sessions: SessionConfig = field(default_factory=SessionConfig)
-
-
-class Behaviour:
-    """How a node turns an honest computation into its reply. This one is honest."""
-
-    name = "honest"
-
-    def output(
-        self, step: int, request: StepRequest, hidden_in: torch.Tensor, honest: torch.Tensor
-    ) -> torch.Tensor:
-        """The output the node claims (its receipt names this tensor's digest)."""
-        return honest
-
-    def sign_receipt(
-        self, identity: Identity, request: StepRequest, output_digest: bytes, previous: bytes
-    ) -> Receipt:
-        """The receipt for ``request``, signed with the node's key."""
-        return make_receipt(identity, request, output_digest, previous)
-
-    def sent(self, step: int, request: StepRequest, output: torch.Tensor) -> torch.Tensor:
-        """The tensor actually sent back."""
-        return output
+    benchmark_unsigned: bool = False
+    """Benchmarks only: skip the clients' signatures, sign receipts with zeros."""
 
 
 class NodeService(ServicerBase):
@@ -107,6 +93,9 @@ class NodeService(ServicerBase):
         self.identity = identity
         self.config = config or ServiceConfig()
         self.behaviour = behaviour or Behaviour()
+        self.behaviour.attach(span)
+        self.unsigned = self.config.benchmark_unsigned
+        self._signer = unsigned_signer(identity) if self.unsigned else identity
         self.sessions: SessionTable[StepOutput] = SessionTable(self.config.sessions)
         self.state = NodeState.JOINING
         self.throughput = 0.0
@@ -276,7 +265,8 @@ class NodeService(ServicerBase):
     async def _step(self, session: Session[StepOutput], message: Message) -> StepOutput:
         step = StepMessage.from_message(message)
         request, hidden = step.request, step.hidden
-        verify_request(request)
+        if not self.unsigned:
+            verify_request(request)
         if request.session_id != session.session_id:
             raise InvalidInput(
                 "unknown session: the request names a session not open on this stream"
@@ -304,7 +294,8 @@ class NodeService(ServicerBase):
 
     async def _forward(self, step: StepMessage) -> StepOutput:
         request, hidden = step.request, step.hidden
-        verify_request(request)
+        if not self.unsigned:
+            verify_request(request)
         span = self._subspan(request.start, request.end)
         _, new = self._check_request(request, hidden, span)
         if request.position != 0:
@@ -337,11 +328,13 @@ class NodeService(ServicerBase):
             raise InvalidInput("the hidden states do not match the request's input digest")
         if not bool(torch.isfinite(hidden).all()):
             raise InvalidInput("the hidden states contain NaN or infinity")
-        honest = span.forward(hidden, session.cache if session is not None else None)
         behaviour = self.behaviour
-        output = behaviour.output(request.step, request, hidden, honest)
+        computed = behaviour.compute(
+            request, span, hidden, session.cache if session is not None else None
+        )
+        output = behaviour.output(request.step, request, hidden, computed)
         previous = session.chain if session is not None else GENESIS_CHAIN
-        receipt = behaviour.sign_receipt(self.identity, request, tensor_digest(output), previous)
+        receipt = behaviour.sign_receipt(self._signer, request, tensor_digest(output), previous)
         return StepOutput(receipt, behaviour.sent(request.step, request, output))
 
 

@@ -24,36 +24,37 @@ Receiving has two stages with different failure meanings:
 
 Typed messages (:class:`OpenSession`, :class:`SessionOpened`, :class:`StepMessage`,
 :class:`StepOutput`, :class:`ErrorReply`, :class:`NodeInfo`) convert to and from
-:class:`Message` and validate every field. The RPCs and the raw client are at the bottom.
+:class:`Message` and validate every field.
+
+The raw client (:func:`request_info`, :func:`request_forward`, :class:`InferenceStream`,
+:func:`read_reply`) lives in :mod:`corolla.node.wire_client`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
-from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from corolla import PROTOCOL_VERSION
-from corolla.errors import (
-    CorollaError,
-    InvalidInput,
-    NodeBusy,
-    NodeError,
-    NodeUnavailable,
-    RemoteError,
-)
+from corolla.errors import CorollaError, InvalidInput, NodeBusy, NodeError, RemoteError
 from corolla.verify.digests import DIGEST_SIZE
 from corolla.verify.encoding import Value, canonical, decode
 from corolla.verify.identity import PUBLIC_KEY_SIZE
 from corolla.verify.receipts import SESSION_ID_SIZE, Receipt, StepRequest
+
+if TYPE_CHECKING:  # at run time, __getattr__ below imports them (wire_client imports this module)
+    from corolla.node.wire_client import (
+        InferenceStream,
+        read_reply,
+        request_forward,
+        request_info,
+    )
 
 __all__ = [
     "DTYPES",
@@ -580,229 +581,13 @@ def _body(message: Message, kind: str, names: Iterable[str], tensors: int) -> di
 
 # --------------------------------------------------------------------------- raw client
 
-_TRANSPORT_ERRORS = (
-    P2PDaemonError,
-    ConnectionError,
-    OSError,
-    asyncio.IncompleteReadError,
-    EOFError,
-)
+_CLIENT_NAMES = frozenset({"InferenceStream", "read_reply", "request_forward", "request_info"})
 
 
-async def request_info(
-    p2p: P2P, peer_id: PeerID, *, timeout: float = 10.0, limits: WireLimits = WireLimits()
-) -> NodeInfo:
-    """Ask a node what it serves (unary ``rpc_info``)."""
-    (part,) = encode_message(Message(KIND_INFO), runtime_pb2.ExpertRequest)
-    try:
-        response = await asyncio.wait_for(
-            p2p.call_protobuf_handler(peer_id, HANDLE_INFO, part, runtime_pb2.ExpertResponse),
-            timeout,
-        )
-    except P2PHandlerError as error:
-        raise RemoteError(f"node {peer_id} failed rpc_info: {error}", str(peer_id)) from None
-    except (TimeoutError, *_TRANSPORT_ERRORS) as error:
-        raise NodeUnavailable(
-            f"node {peer_id} did not answer rpc_info: {error!r}", str(peer_id)
-        ) from None
-    message = await read_reply(_aiter_of([response]), limits, peer_id)
-    return NodeInfo.from_message(message)
+def __getattr__(name: str) -> object:
+    """The raw client's names, from :mod:`corolla.node.wire_client` (imported on first use)."""
+    if name in _CLIENT_NAMES:
+        from corolla.node import wire_client
 
-
-async def request_forward(
-    p2p: P2P,
-    peer_id: PeerID,
-    step: StepMessage,
-    *,
-    timeout: float = 60.0,
-    limits: WireLimits = WireLimits(),
-) -> StepOutput:
-    """One-shot forward of a whole sequence (``rpc_forward``); no session is kept."""
-    parts = encode_message(step.to_message(KIND_FORWARD), runtime_pb2.ExpertRequest)
-    try:
-        async with asyncio.timeout(timeout):
-            responses = await p2p.iterate_protobuf_handler(
-                peer_id, HANDLE_FORWARD, _aiter_of(parts), runtime_pb2.ExpertResponse
-            )
-            try:
-                message = await read_reply(responses, limits, peer_id)
-            finally:
-                with contextlib.suppress(Exception):
-                    await responses.aclose()  # type: ignore[attr-defined]
-    except TimeoutError:
-        raise NodeUnavailable(
-            f"node {peer_id} did not answer rpc_forward in {timeout} s", str(peer_id)
-        ) from None
-    except _TRANSPORT_ERRORS as error:
-        raise NodeUnavailable(
-            f"node {peer_id} failed rpc_forward: {error!r}", str(peer_id)
-        ) from None
-    return StepOutput.from_message(message)
-
-
-class InferenceStream:
-    """The client end of one ``rpc_inference`` stream: one session on one node.
-
-    ``open`` then ``step`` repeatedly; ``close`` ends the stream (the node frees the session).
-    The lower-level ``send``/``send_parts``/``receive`` exist for tests that send malformed data.
-    After a timeout or a transport error the stream is dead and every call raises
-    :class:`NodeUnavailable`; an :class:`ErrorReply` raises :class:`NodeBusy`/:class:`RemoteError`
-    and leaves the stream usable (unless the node chose to end it).
-
-    Built on the raw libp2p stream (hivemind's framing, no background writer task), so a node
-    that ends the stream is noticed at once.
-    """
-
-    def __init__(self, p2p: P2P, peer_id: PeerID, limits: WireLimits = WireLimits()) -> None:
-        self.p2p = p2p
-        self.peer_id = peer_id
-        self.limits = limits
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._parts: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
-        self._dead: str | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self._dead is None
-
-    async def _connect(self) -> None:
-        if self._dead is not None:
-            raise NodeUnavailable(self._dead, str(self.peer_id))
-        if self._writer is None:
-            try:
-                _, self._reader, self._writer = await self.p2p.call_binary_stream_handler(
-                    self.peer_id, HANDLE_INFERENCE
-                )
-            except (*_TRANSPORT_ERRORS, Exception) as error:
-                self._dead = f"cannot reach node {self.peer_id}: {error!r}"
-                raise NodeUnavailable(self._dead, str(self.peer_id)) from None
-            self._parts = self._read_parts(self._reader)
-
-    @staticmethod
-    async def _read_parts(
-        reader: asyncio.StreamReader,
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        while True:
-            try:
-                part, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
-            except asyncio.IncompleteReadError:
-                return
-            if error is not None:
-                raise P2PHandlerError(error.message)
-            yield part
-
-    async def send_parts(self, parts: Sequence[runtime_pb2.ExpertRequest]) -> None:
-        """Send raw protobuf parts (for tests of malformed input)."""
-        await self._connect()
-        try:
-            for part in parts:
-                await P2P.send_protobuf(part, self._writer)
-        except (*_TRANSPORT_ERRORS, RuntimeError) as error:
-            await self._die(f"stream to node {self.peer_id} broke: {error!r}")
-
-    async def send(self, message: Message) -> None:
-        await self.send_parts(encode_message(message, runtime_pb2.ExpertRequest))
-
-    async def receive(self, timeout: float) -> Message:
-        """The next message from the node, decoded; an :class:`ErrorReply` is raised."""
-        await self._connect()
-        try:
-            async with asyncio.timeout(timeout):
-                message = await _read_message(self._parts, self.limits, self.peer_id)  # type: ignore[arg-type]
-        except TimeoutError:
-            reason = f"node {self.peer_id} did not answer within {timeout} s"
-        except NodeUnavailable as error:
-            reason = str(error)
-        except (*_TRANSPORT_ERRORS, TypeError, ValueError) as error:
-            reason = f"stream to node {self.peer_id} broke: {error!r}"
-        else:
-            if message.kind != KIND_ERROR:
-                return message
-            reply = _error_reply(message, self.peer_id)
-            if reply.fatal:  # the node has ended the stream: let it go at once
-                self._dead = f"node {self.peer_id} ended the stream: {reply.message}"
-                await self.abort()
-            raise reply.to_exception(str(self.peer_id))
-        await self._die(reason)
-        raise AssertionError("unreachable")  # _die raises
-
-    async def open(self, request: OpenSession, timeout: float = 30.0) -> SessionOpened:
-        await self.send(request.to_message())
-        return SessionOpened.from_message(await self.receive(timeout))
-
-    async def step(self, step: StepMessage, timeout: float = 60.0) -> StepOutput:
-        await self.send(step.to_message(KIND_STEP))
-        return StepOutput.from_message(await self.receive(timeout))
-
-    async def close(self, timeout: float = 5.0) -> None:
-        """End the stream politely: the node frees the session and ends its side."""
-        if self._writer is not None and self._dead is None:
-            with contextlib.suppress(Exception):
-                await P2P.send_protobuf(P2P.END_OF_STREAM, self._writer)
-                async with asyncio.timeout(timeout):
-                    async for _ in self._parts:  # type: ignore[union-attr]
-                        pass
-        self._dead = self._dead or "stream closed"
-        await self.abort()
-
-    async def abort(self) -> None:
-        """Drop the connection at once (the node sees a dropped stream)."""
-        self._dead = self._dead or "stream aborted"
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
-
-    async def _die(self, reason: str) -> None:
-        self._dead = reason
-        await self.abort()
-        raise NodeUnavailable(reason, str(self.peer_id))
-
-    async def __aenter__(self) -> InferenceStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-
-async def read_reply(
-    responses: AsyncIterator[runtime_pb2.ExpertResponse], limits: WireLimits, peer_id: PeerID
-) -> Message:
-    """One reply from a node, decoded; its :class:`ErrorReply` is raised as an exception.
-
-    A malformed reply raises :class:`RemoteError`, an ended stream :class:`NodeUnavailable`.
-    """
-    message = await _read_message(responses, limits, peer_id)
-    if message.kind == KIND_ERROR:
-        raise _error_reply(message, peer_id).to_exception(str(peer_id))
-    return message
-
-
-async def _read_message(
-    responses: AsyncIterator[runtime_pb2.ExpertResponse], limits: WireLimits, peer_id: PeerID
-) -> Message:
-    try:
-        frame = await receive_frame(responses, limits)
-    except P2PHandlerError as error:
-        raise RemoteError(f"node {peer_id} failed: {error}", str(peer_id)) from None
-    except InvalidInput as error:
-        raise RemoteError(f"node {peer_id} sent a malformed reply: {error}", str(peer_id)) from None
-    if frame is None:
-        raise NodeUnavailable(f"node {peer_id} ended the stream", str(peer_id))
-    try:
-        return decode_frame(frame, limits)
-    except InvalidInput as error:
-        raise RemoteError(f"node {peer_id} sent a malformed reply: {error}", str(peer_id)) from None
-
-
-def _error_reply(message: Message, peer_id: PeerID) -> ErrorReply:
-    try:
-        return ErrorReply.from_message(message)
-    except InvalidInput as error:
-        raise RemoteError(f"node {peer_id} sent a malformed error: {error}", str(peer_id)) from None
-
-
-async def _aiter_of(items: Iterable[_Part]) -> AsyncIterator[_Part]:
-    for item in items:
-        yield item
+        return getattr(wire_client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,13 @@
 """``corolla simulate node --adversary NAME``: a node that misbehaves on purpose.
 
-Same options as ``corolla node run`` plus ``--adversary`` (see
+Same options as ``corolla node run`` plus ``--adversary`` and the strategies' settings (see
 :mod:`corolla.simulations.adversaries`). For tests, simulations and demos only: the production
 ``corolla node run`` has no way to switch misbehaviour on.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +18,7 @@ from corolla.node.run_cli import (
     IdentityOption,
     IdleTimeoutOption,
     InitialPeersOption,
+    LedgerOption,
     MaxCacheTokensOption,
     MaxRequestBytesOption,
     ModelOption,
@@ -29,7 +31,7 @@ from corolla.node.run_cli import (
 from corolla.node.server import DEFAULT_IDENTITY, run_node
 from corolla.node.sessions import SessionConfig
 from corolla.node.wire import WireLimits
-from corolla.simulations.adversaries import ADVERSARIES, make_behaviour
+from corolla.simulations.adversaries import ADVERSARIES, AdversaryOptions, make_behaviour
 
 __all__ = ["register_simulate", "simulate_app"]
 
@@ -39,6 +41,38 @@ simulate_app = typer.Typer(
 
 AdversaryOption = Annotated[
     str, typer.Option("--adversary", help=f"One of: {', '.join(ADVERSARIES)} (or honest).")
+]
+PerturbationOption = Annotated[
+    float | None,
+    typer.Option(
+        "--perturbation",
+        help="noise, subtle: noise size relative to each token's RMS (default 0.5, 1e-2).",
+    ),
+]
+CheatWithOption = Annotated[
+    str | None,
+    typer.Option("--cheat-with", help="selective: the strategy it cheats with (default noise)."),
+]
+CheatFractionOption = Annotated[
+    float | None,
+    typer.Option("--cheat-fraction", help="selective: share of steps it cheats on (0..1)."),
+]
+TargetClientOption = Annotated[
+    str | None,
+    typer.Option(
+        "--target-client", help="selective: cheat only for client keys with this hex prefix."
+    ),
+]
+WrongModelOption = Annotated[
+    Path | None,
+    typer.Option("--wrong-model", help="wrong-model: checkpoint whose weights it computes with."),
+]
+WrongQuantOption = Annotated[
+    str | None,
+    typer.Option("--wrong-quant", help="wrong-quant: nf4 (default) or int8, computed in secret."),
+]
+SeedOption = Annotated[
+    int | None, typer.Option("--seed", help="Seed of the adversary's random choices (default 0).")
 ]
 
 _DEFAULT_LIMITS = WireLimits()
@@ -60,9 +94,26 @@ def node(
     refresh_period: RefreshPeriodOption = 30.0,
     idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout,
     max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes,
+    ledger: LedgerOption = None,
+    perturbation: PerturbationOption = None,
+    cheat_with: CheatWithOption = None,
+    cheat_fraction: CheatFractionOption = None,
+    target_client: TargetClientOption = None,
+    wrong_model: WrongModelOption = None,
+    wrong_quant: WrongQuantOption = None,
+    seed: SeedOption = None,
 ) -> None:
     """Run a node that misbehaves as ADVERSARY (same options as `corolla node run`)."""
-    behaviour = make_behaviour(adversary)
+    options = AdversaryOptions(
+        perturbation=perturbation,
+        cheat_with=cheat_with,
+        cheat_fraction=cheat_fraction,
+        target_client=target_client,
+        wrong_model=wrong_model,
+        wrong_quant=wrong_quant,
+        seed=seed,
+    )
+    behaviour = make_behaviour(adversary, options)
     config = node_config(
         model=model,
         blocks=blocks,
@@ -76,8 +127,9 @@ def node(
         refresh_period=refresh_period,
         idle_timeout=idle_timeout,
         max_request_bytes=max_request_bytes,
+        ledger=ledger,
     )
-    typer.echo(f"simulated adversary: {behaviour.name}")
+    typer.echo(f"simulated adversary: {behaviour.describe()}")
     run_node(config, behaviour)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -282,3 +284,25 @@ def test_error_replies_become_the_matching_exceptions():
 def test_error_reply_with_unknown_code_is_refused():
     with pytest.raises(InvalidInput):
         ErrorReply.from_message(Message("error", {"code": "nope", "message": "x", "step": None}))
+
+
+@pytest.mark.parametrize("first", ["corolla.node.wire", "corolla.node.wire_client"])
+def test_the_raw_client_is_importable_from_wire_and_wire_client_in_either_order(first):
+    """`corolla.node.wire` re-exports the client that moved to `wire_client` (a fresh
+    interpreter, so neither module is imported yet)."""
+    code = (
+        f"import {first}\n"
+        "from corolla.node import wire, wire_client\n"
+        "from corolla.node.wire import InferenceStream, read_reply, request_forward, request_info\n"
+        "assert InferenceStream is wire_client.InferenceStream\n"
+        "assert request_info is wire_client.request_info\n"
+        "assert {'InferenceStream', 'request_info'} <= set(wire.__all__)\n"
+        "try:\n"
+        "    wire.no_such_name\n"
+        "except AttributeError:\n"
+        "    print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip() == "ok", result.stderr

@@ -1,0 +1,148 @@
+"""`corolla node run --ledger URL`: the node shows the points it earns, live, against a real ledger
+server; a ledger that is down is a warning line, never the node's end."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import ledger_fixtures
+import pytest
+from hivemind.dht import DHT
+from hivemind.p2p import PeerID
+from ledger_fixtures import attest, free_port, make_pairs, running_server
+from swarm_fixtures import Swarm
+
+from corolla.cli import main
+from corolla.ledger.client import AsyncLedgerClient, ClientConfig, LedgerClient
+from corolla.node.points import POINTS_PREFIX, PointsWatcher
+from corolla.node.records import RecordValidator
+from corolla.node.wire import request_info
+from corolla.verify.identity import Identity, load_identity
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _credited(url: str, node: Identity, steps: int = 3) -> int:
+    """A client reports a session of ``node``'s that a verifier checked: the ledger credits the
+    node. Returns the node's new balance."""
+    client = Identity.generate()
+    pairs = make_pairs(client, node, steps=steps)
+    with LedgerClient(url, client) as ledger:
+        ledger.submit_report(pairs, [attest(client, Identity.generate(), pairs)])
+        return ledger.balance(node.public_key)
+
+
+async def _credit(url: str, node: Identity, steps: int = 3) -> int:
+    return await asyncio.to_thread(_credited, url, node, steps)
+
+
+async def test_the_watcher_prints_the_balance_each_change_and_one_warning_per_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    node = Identity.generate()
+    port = free_port()
+    monkeypatch.setattr(ledger_fixtures, "free_port", lambda: port)  # the ledger comes up there
+    out = io.StringIO()
+    watcher = PointsWatcher(f"http://127.0.0.1:{port}", node.public_key, period=1.0, out=out)
+
+    def lines() -> list[str]:
+        return out.getvalue().splitlines()
+
+    async with AsyncLedgerClient(watcher.url, config=ClientConfig(attempts=1)) as ledger:
+        assert await watcher.poll(ledger) is None  # nothing listens yet
+        assert len(lines()) == 1 and lines()[0].startswith("warning: ledger http://127.0.0.1")
+        await watcher.poll(ledger)
+        assert len(lines()) == 1  # one line per outage
+        with running_server(tmp_path / "ledger.db", tmp_path / "ledger.key") as server:
+            assert await watcher.poll(ledger) == 0
+            assert lines()[-1] == f"{POINTS_PREFIX}0 (ledger reachable again)"
+            earned = await _credit(server.url, node)
+            assert earned > 0
+            assert await watcher.poll(ledger) == earned
+            assert lines()[-1] == f"{POINTS_PREFIX}{earned} (+{earned})"
+            await watcher.poll(ledger)
+            assert len(lines()) == 3  # no change, no line
+            more = await _credit(server.url, node)
+            await watcher.poll(ledger)
+            assert lines()[-1] == f"{POINTS_PREFIX}{more} (+{more - earned})"
+        assert await watcher.poll(ledger) is None
+        assert lines()[-1].startswith("warning: ledger") and len(lines()) == 5
+
+
+def _reader(initial_peers: list[str]) -> DHT:
+    return DHT(
+        initial_peers=initial_peers,
+        start=True,
+        client_mode=True,
+        record_validators=[RecordValidator()],
+    )
+
+
+def _wait_for_line(node, predicate, tries: int = 400) -> str:
+    for _ in range(tries):
+        found = [line for line in list(node.lines) if predicate(line)]
+        if found:
+            return found[-1]
+        if node.process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"no such line; the node's output:\n{node.output}")
+
+
+def test_a_node_with_a_ledger_shows_the_points_it_earns_live(bloom_dir: Path, tmp_path: Path):
+    with (
+        running_server(tmp_path / "ledger.db", tmp_path / "ledger.key") as server,
+        Swarm(tmp_path / "swarm") as swarm,
+    ):
+        node = swarm.start(
+            bloom_dir, blocks="0:2", refresh_period=0.5, extra_args=["--ledger", server.url]
+        )
+        assert _wait_for_line(node, lambda line: line.startswith(POINTS_PREFIX)) == "points: 0"
+        earned = _credited(server.url, load_identity(node.identity), steps=4)
+        line = _wait_for_line(
+            node, lambda line: line.startswith("points: ") and line != "points: 0"
+        )
+        assert line == f"{POINTS_PREFIX}{earned} (+{earned})"
+        assert node.stop() == 0
+
+
+async def test_a_simulated_node_whose_ledger_is_down_warns_once_and_serves(
+    bloom_dir: Path, tmp_path: Path
+):
+    down = f"http://127.0.0.1:{free_port()}"
+    with Swarm(tmp_path / "swarm") as swarm:
+        node = swarm.start(
+            bloom_dir,
+            blocks="0:2",
+            adversary="honest",
+            refresh_period=0.5,
+            extra_args=["--ledger", down],
+        )
+        warning = await asyncio.to_thread(
+            _wait_for_line, node, lambda line: line.startswith("warning: ledger")
+        )
+        assert down in warning
+        await asyncio.sleep(2.0)  # a few more polls of the dead ledger
+        dht = await asyncio.to_thread(_reader, swarm.initial_peers)
+        try:
+            p2p = await dht.replicate_p2p()
+            info = await request_info(p2p, PeerID.from_base58(node.peer_id))
+            await p2p.shutdown()
+        finally:
+            await asyncio.to_thread(dht.shutdown)
+        assert (info.start, info.end) == (0, 2)
+        assert node.process.poll() is None
+        assert sum(line.startswith("warning: ledger") for line in node.lines) == 1
+        assert node.stop() == 0
+
+
+def test_a_ledger_url_that_is_not_http_is_a_one_line_error(bloom_dir, tmp_path, capsys):
+    argv = ["node", "run", "--model", str(bloom_dir), "--identity", str(tmp_path / "k")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--blocks", "0:2", "--ledger", "ftp://ledger.example"])
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "--ledger must be an http" in stderr and "Traceback" not in stderr
