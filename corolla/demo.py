@@ -1,9 +1,10 @@
-"""`corolla demo`: a whole swarm on this machine, on the bundled tiny model.
+"""`corolla demo`: the whole system on this machine, on the bundled tiny model.
 
-Creates the tiny model if it is missing, starts nodes in subprocesses on 127.0.0.1 (the second
-half of the blocks served twice), generates a sample through them while showing the route and
-the count of verified receipts, kills one node half-way to show recovery, and shuts everything
-down, also on Ctrl-C.
+A ledger (with a referee that holds the model), four honest nodes and one cheating node on
+127.0.0.1; a client generates through them with spot-checks on, a node dies half-way, the
+cheater is caught by a spot-check, routed around and its text regenerated; the client reports
+the work to the ledger, which slashes the cheater and pays the honest nodes; then the ledger is
+audited. Everything is stopped at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ from rich.table import Table
 from corolla.client.generation import GenerationConfig, generate
 from corolla.client.local import LocalBackbone
 from corolla.client.model import DistributedModelForCausalLM
+from corolla.client.remote import RemoteSession
+from corolla.client.reporting import ReportSummary, report_session
+from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig
 from corolla.errors import InvalidInput
+from corolla.ledger.audit import audit
+from corolla.ledger.client import LedgerClient
+from corolla.ledger.process import LedgerProcess
+from corolla.ledger.sources import HttpSource
 from corolla.node.checkpoint import Checkpoint
-from corolla.node.launcher import LocalSwarm
+from corolla.node.launcher import LocalSwarm, NodeProcess
 from corolla.node.manifest import load_manifest
-from corolla.node.span import Span, load_span
+from corolla.node.span import load_span
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.verify.identity import load_or_create_identity
 
 __all__ = ["register", "run_demo"]
 
@@ -45,45 +54,80 @@ def _ensure_model(models: Path, family: str) -> Path:
 
 
 def run_demo(
-    directory: Path,
-    family: str,
-    prompt: str,
-    max_new_tokens: int,
-    kill_one: bool,
+    directory: Path, family: str, prompt: str, max_new_tokens: int, kill_one: bool, cheat: bool
 ) -> None:
     if family not in ("bloom", "llama"):
         raise InvalidInput(f"unknown family {family!r} (choose bloom or llama)")
     model_dir = _ensure_model(directory / "models", family)
     num_blocks = Checkpoint(model_dir).num_blocks
     half = num_blocks // 2
-    spans = [f"0:{half}", f"{half}:{num_blocks}", f"{half}:{num_blocks}"]
-    with (
-        tempfile.TemporaryDirectory(prefix="corolla-demo-") as scratch,
-        LocalSwarm(Path(scratch) / "nodes") as swarm,
-    ):
-        with _console.status("starting nodes") as status:
-            for blocks in spans:
-                status.update(f"starting a node for blocks {blocks}")
-                node = swarm.start(model_dir, blocks=blocks)
-                _console.print(f"node {node.peer_id[-8:]} serves blocks {blocks}")
-        config = ClientConfig(
-            initial_peers=tuple(swarm.initial_peers), identity=directory / "client.key"
-        )
-        local_spans = [load_span(model_dir, 0, num_blocks)]
-        with DistributedModelForCausalLM.from_pretrained(model_dir, config=config) as model:
-            _generate(model, local_spans, swarm, prompt, max_new_tokens, kill_one)
-        _console.print("stopping the nodes")
+    first, second = f"0:{half}", f"{half}:{num_blocks}"
+    with tempfile.TemporaryDirectory(prefix="corolla-demo-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        with _console.status("starting the ledger (its referee holds the model)"):
+            ledger = LedgerProcess(
+                scratch / "ledger.db",
+                scratch / "ledger.key",
+                extra=["--referee-model", str(model_dir)],
+            )
+        with ledger, LocalSwarm(scratch / "nodes") as swarm:
+            _console.print(f"ledger at {ledger.url}")
+            roles: dict[str, str] = {}
+            with _console.status("starting nodes") as status:
+                plan = [(first, None), (second, None), (first, None), (second, None)]
+                if cheat:
+                    plan.append((second, "noise"))
+                for blocks, adversary in plan:
+                    status.update(f"starting a node for blocks {blocks}")
+                    node = swarm.start(
+                        model_dir,
+                        blocks=blocks,
+                        adversary=adversary,
+                        extra_args=["--ledger", ledger.url],
+                    )
+                    roles[node.peer_id] = "cheater (noise)" if adversary else "honest"
+                    _console.print(
+                        f"node {node.peer_id[-8:]} serves blocks {blocks}, {roles[node.peer_id]}"
+                    )
+            client = ClientConfig(
+                initial_peers=tuple(swarm.initial_peers), identity=scratch / "client.key"
+            )
+            checks = SpotCheckConfig(rate=0.25, seed=0)
+            with DistributedModelForCausalLM.from_pretrained(
+                model_dir, config=client, checks=checks
+            ) as model:
+                session = _generate(
+                    model, swarm, roles, prompt, max_new_tokens, kill_one, num_blocks, model_dir
+                )
+                with LedgerClient(ledger.url, load_or_create_identity(client.identity)) as api:
+                    with _console.status("reporting the work and the evidence to the ledger"):
+                        report = report_session(api, session.work, session.checks)
+                    _show_report(report)
+                    _show_nodes(api, swarm, roles, session)
+            with _console.status("auditing the ledger"):
+                result = audit(HttpSource(ledger.url))
+            _console.print(
+                f"[green]audit passed[/green]: {result.tree_size} entries, "
+                f"{result.pairs_verified} receipts and {result.attestations_verified} "
+                f"spot-checks re-verified, {result.evidence_checked} evidence re-checked, "
+                f"root {result.root_hash.hex()[:16]}"
+            )
+            _console.print("stopping the nodes and the ledger")
 
 
 def _generate(
     model: DistributedModelForCausalLM,
-    local_spans: list[Span],
     swarm: LocalSwarm,
+    roles: dict[str, str],
     prompt: str,
     max_new_tokens: int,
     kill_one: bool,
-) -> None:
+    num_blocks: int,
+    model_dir: Path,
+) -> RemoteSession:
     by_peer = {node.peer_id: node for node in swarm.nodes}
+    for peer, role in roles.items():  # the cheater looks nearest, so the route takes it first
+        model.backbone.swarm.rtts[peer] = 0.0001 if role != "honest" else 0.01
     input_ids = model.tokenizer(prompt, return_tensors="pt").input_ids
     produced: list[int] = []
     killed: list[str] = []
@@ -92,44 +136,84 @@ def _generate(
         produced.append(int(tokens[0]))
         session = model.backbone.last_session
         if kill_one and not killed and len(produced) == max_new_tokens // 2 and session:
-            victim = session.route[-1].peer_id
+            victim = session.route[0].peer_id
             by_peer[victim].kill()
             killed.append(victim)
+            roles[victim] = "honest, killed"
+
+    def on_rewind(kept: int) -> None:
+        del produced[kept:]
+        _console.print(
+            f"[yellow]a spot-check caught a node returning wrong activations: it is banned, and "
+            f"generation resumes from token {kept} on a route without it[/yellow]"
+        )
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
     started = time.perf_counter()
     with _console.status("generating through the swarm"):
-        model.generate(input_ids, config, on_tokens=on_tokens)
+        model.generate(input_ids, config, on_tokens=on_tokens, on_rewind=on_rewind)
     elapsed = time.perf_counter() - started
     session = model.backbone.last_session
     if session is None:
-        return
+        raise InvalidInput("no session ran")
     text = model.tokenizer.decode(produced, skip_special_tokens=True)
     shown = "".join(c if c.isprintable() else "·" for c in text)
     _console.print(f"\n[bold]prompt[/bold]    {prompt}\n[bold]generated[/bold] {shown}")
     _console.print("[dim](random weights: the text is noise; the point is that it is exact)[/dim]")
-    reference = generate(model.head, LocalBackbone(local_spans), input_ids, config)[0].tolist()
+    local = LocalBackbone([load_span(model_dir, 0, num_blocks)])
+    reference = generate(model.head, local, input_ids, config)[0].tolist()
     verdict = "[green]yes[/green]" if reference == produced else "[red]NO[/red]"
-    _console.print(f"equals local generation of the same checkpoint: {verdict}\n")
+    _console.print(f"equals local generation of the same checkpoint: {verdict}")
     route = " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end}]" for h in session.route)
-    _console.print(f"route: {route}")
+    _console.print(f"route at the end: {route}; {len(produced)} tokens in {elapsed:.2f} s")
     for failover in session.failovers:
         _console.print(
-            f"[yellow]node {failover.peer_id[-8:]} (blocks {failover.start}:{failover.end}) "
-            f"was killed mid-generation; replaced by "
-            f"{', '.join(p[-8:] for p in failover.replacements)} and its cache rebuilt[/yellow]"
+            f"node {failover.peer_id[-8:]} (blocks {failover.start}:{failover.end}) failed "
+            f"({failover.reason[:60]}); replaced by "
+            f"{', '.join(p[-8:] for p in failover.replacements)}, cache rebuilt by replay"
         )
-    steps = Counter(record.peer_id for record in session.work)
-    table = Table(
-        title=f"{len(session.work)} verified receipts, {len(produced)} tokens in {elapsed:.2f} s"
+    verdicts = Counter(check.verdict for check in session.checks)
+    _console.print("spot-checks: " + ", ".join(f"{n} {verdict}" for verdict, n in verdicts.items()))
+    return session
+
+
+def _show_report(report: ReportSummary) -> None:
+    _console.print(
+        f"reported {report.pairs} signed receipts and {report.attestations} spot-check "
+        "attestations to the ledger"
     )
-    for column in ("node", "blocks", "verified steps", "state"):
+    for verdict in report.verdicts:
+        _console.print(
+            f"[bold]fraud evidence against {verdict.accused.hex()[:16]}: {verdict.verdict}[/bold] "
+            f"(judged by the {verdict.judge}: {verdict.reason}); {verdict.taken} points taken"
+        )
+    for refusal in report.refused:
+        _console.print(f"evidence refused: {refusal}")
+
+
+def _show_nodes(
+    api: LedgerClient, swarm: LocalSwarm, roles: dict[str, str], session: RemoteSession
+) -> None:
+    steps = Counter(record.peer_id for record in session.work)
+    table = Table(title="nodes after the session")
+    for column in ("node", "blocks", "role", "steps served", "points", "reputation", "slashed"):
         table.add_column(column)
     for node in swarm.nodes:
-        blocks = node.args[node.args.index("--blocks") + 1]
-        state = "killed" if node.peer_id in killed else "online"
-        table.add_row(node.peer_id[-8:], blocks, str(steps.get(node.peer_id, 0)), state)
+        account = api.account(_public_key(node))
+        table.add_row(
+            node.peer_id[-8:],
+            node.args[node.args.index("--blocks") + 1],
+            roles.get(node.peer_id, "?"),
+            str(steps.get(node.peer_id, 0)),
+            str(account.balance if account else 0),
+            str(account.reputation if account else 0),
+            "yes" if account and account.slashed else "",
+        )
     _console.print(table)
+
+
+def _public_key(node: NodeProcess) -> bytes:
+    return load_or_create_identity(node.identity).public_key
 
 
 def demo(
@@ -140,11 +224,14 @@ def demo(
     kill_one: bool = typer.Option(
         True, "--kill-one/--no-kill-one", help="Kill a node half-way to show failover."
     ),
+    cheat: bool = typer.Option(
+        True, "--cheat/--no-cheat", help="Run one cheating node to show it caught and slashed."
+    ),
 ) -> None:
-    """Run a whole local swarm on the bundled tiny model and generate through it."""
+    """Run a whole local swarm with a ledger on the bundled tiny model."""
     if max_new_tokens < 2:
         raise InvalidInput("max-new-tokens must be at least 2")
-    run_demo(directory, family, prompt, max_new_tokens, kill_one)
+    run_demo(directory, family, prompt, max_new_tokens, kill_one, cheat)
 
 
 def register(app: typer.Typer) -> None:
