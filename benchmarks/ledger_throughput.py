@@ -1,14 +1,16 @@
 """Ledger throughput, measured in one run on this machine.
 
 Prints:
-- receipts credited per second over HTTP (real uvicorn server on 127.0.0.1, every request and
-  receipt signature checked, durable commits), with concurrent submitters;
+- receipts credited per second over HTTP (real uvicorn server on 127.0.0.1; clients report
+  sessions of 25 steps, each checked by one verifier; every receipt and attestation signature
+  checked, durable commits), with concurrent submitters;
 - receipts credited per second in process (``LedgerStore.submit``, same checks, same database
   settings, no HTTP);
 - entries audited per second over a log of at least 100,000 entries, reading the database file
   (``corolla ledger audit --db``) and over HTTP (``corolla ledger audit --url``): every leaf
-  hash and the Merkle root recomputed, every operation's signature, every receipt and request
-  signature behind a credit re-verified, the whole log replayed under its rules.
+  hash and the Merkle root recomputed, every operation's signature, every receipt and
+  attestation signature behind a credit or a fee re-verified, the whole log replayed under its
+  rules.
 
 Run: ``python benchmarks/ledger_throughput.py [--entries 100000] [--http-receipts 20000]``
 """
@@ -19,7 +21,9 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,23 +35,29 @@ from pathlib import Path
 import httpx
 
 from corolla.ledger.audit import audit
+from corolla.ledger.entries import raw_leaf_hash
 from corolla.ledger.envelope import sign_envelope
 from corolla.ledger.reader import LedgerReader
+from corolla.ledger.reports import Attestation, report_body
 from corolla.ledger.sources import DbSource, HttpSource
 from corolla.ledger.store import LedgerStore
 from corolla.verify import GENESIS_CHAIN, Identity, make_receipt, sign_request
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import save_identity, verify_signature
 from corolla.verify.merkle import MerkleTree
+from corolla.verify.receipts import Receipt, StepRequest
 
-BATCH = 250  # pairs per signed submission
+BATCH = 250  # pairs per signed report: 10 sessions of 25 steps
+SESSION = 25
 
 
-def session_pairs(client: Identity, node: Identity, steps: int) -> list[dict]:
-    """One node-session: a prefill then decode steps, as the API's JSON dicts."""
+def session_report(
+    client: Identity, node: Identity, verifier: Identity
+) -> tuple[list[tuple[StepRequest, Receipt]], Attestation]:
+    """One node-session, a prefill then decode steps, and the client's passed check of it."""
     session, chain, position, pairs = secrets.token_bytes(16), GENESIS_CHAIN, 0, []
     model, span = secrets.token_bytes(32), secrets.token_bytes(32)
-    for step in range(steps):
+    for step in range(SESSION):
         tokens = 16 if step == 0 else 1
         request = sign_request(
             client,
@@ -64,19 +74,45 @@ def session_pairs(client: Identity, node: Identity, steps: int) -> list[dict]:
         )
         receipt = make_receipt(node, request, secrets.token_bytes(32), chain)
         chain, position = receipt.chain_digest, position + tokens
-        pairs.append({"request": request.to_dict(), "receipt": receipt.to_dict()})
-    return pairs
+        pairs.append((request, receipt))
+    recomputation = sign_request(
+        client,
+        protocol_version=1,
+        model_digest=model,
+        span_digest=span,
+        start=0,
+        end=8,
+        session_id=secrets.token_bytes(16),
+        step=0,
+        position=0,
+        tokens=position,
+        input_digest=secrets.token_bytes(32),
+    )
+    receipt = make_receipt(verifier, recomputation, secrets.token_bytes(32), GENESIS_CHAIN)
+    check = Attestation(
+        node.public_key, session, 0, 8, SESSION, True, "1e-06", recomputation, receipt
+    )
+    return pairs, check
 
 
-def workload(count: int, nodes: list[Identity], clients: list[Identity]) -> list[list[dict]]:
-    """``count`` pairs in batches; sessions of 25 steps spread over nodes and clients."""
-    pairs: list[dict] = []
+def workload(
+    count: int, nodes: list[Identity], clients: list[Identity]
+) -> list[tuple[Identity, dict]]:
+    """About ``count`` pairs as reports of ``BATCH`` pairs, each by one client: sessions spread
+    over nodes, each checked by the next node."""
+    reports: list[tuple[Identity, dict]] = []
     index = 0
-    while len(pairs) < count:
-        pairs += session_pairs(clients[index % len(clients)], nodes[index % len(nodes)], 25)
-        index += 1
-    pairs = pairs[:count]
-    return [pairs[i : i + BATCH] for i in range(0, len(pairs), BATCH)]
+    while len(reports) * BATCH < count:
+        client = clients[len(reports) % len(clients)]
+        pairs, checks = [], []
+        for _ in range(BATCH // SESSION):
+            node, verifier = nodes[index % len(nodes)], nodes[(index + 1) % len(nodes)]
+            session, check = session_report(client, node, verifier)
+            pairs += session
+            checks.append(check)
+            index += 1
+        reports.append((client, report_body(pairs, checks)))
+    return reports
 
 
 def free_port() -> int:
@@ -120,10 +156,9 @@ def server(db: Path, key: Path, processes: int = 1):
         process.wait(timeout=30)
 
 
-def credit_over_http(url: str, batches: list[list[dict]], node: Identity, workers: int) -> float:
-    """Receipts per second: ``workers`` threads post signed batches, as nodes would."""
-    bodies = [{"pairs": batch} for batch in batches]
-    prepared = [(canonical(body), json.dumps(body).encode()) for body in bodies]
+def credit_over_http(url: str, reports: list[tuple[Identity, dict]], workers: int) -> float:
+    """Receipts per second: ``workers`` threads post signed reports, as clients would."""
+    prepared = [(client, canonical(body), json.dumps(body).encode()) for client, body in reports]
     queue = list(range(len(prepared)))
     lock = threading.Lock()
     credited = [0]
@@ -135,12 +170,12 @@ def credit_over_http(url: str, batches: list[list[dict]], node: Identity, worker
                     if not queue:
                         return
                     index = queue.pop()
-                data, content = prepared[index]
+                client, data, content = prepared[index]
                 headers = {
-                    **sign_envelope(node, "work", data).to_headers(),
+                    **sign_envelope(client, "report", data).to_headers(),
                     "content-type": "application/json",
                 }
-                response = http.post("/v1/work", content=content, headers=headers)
+                response = http.post("/v1/reports", content=content, headers=headers)
                 response.raise_for_status()
                 units = sum(1 for p in response.json()["pairs"] if p["credited_units"])
                 with lock:
@@ -153,26 +188,35 @@ def credit_over_http(url: str, batches: list[list[dict]], node: Identity, worker
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
-    total = sum(len(batch) for batch in batches)
+    total = sum(len(body["pairs"]) for _, body in reports)
     if credited[0] != total:
         raise RuntimeError(f"credited {credited[0]} of {total} receipts")
     return total / elapsed
 
 
-def credit_in_process(store: LedgerStore, batches: list[list[dict]], node: Identity) -> float:
-    bodies = [({"pairs": batch}, canonical({"pairs": batch})) for batch in batches]
+def credit_in_process(store: LedgerStore, reports: list[tuple[Identity, dict]]) -> float:
+    bodies = [(client, body, canonical(body)) for client, body in reports]
     started = time.perf_counter()
-    for body, data in bodies:
-        store.submit(sign_envelope(node, "work", data), body)
-    return sum(len(batch) for batch in batches) / (time.perf_counter() - started)
+    for client, body, data in bodies:
+        store.submit(sign_envelope(client, "report", data), body)
+    return sum(len(body["pairs"]) for _, body, _ in bodies) / (time.perf_counter() - started)
 
 
-def components(db: Path, size: int, audit_elapsed: float) -> None:
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the audit's worker processes)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def components(db: Path, size: int, signatures: int, audit_elapsed: float) -> None:
     """Where an audit's time goes, measured on the same log."""
     reader = LedgerReader.open(db)
     started = time.perf_counter()
-    entries = [entry for start in range(0, size, 5000) for entry in reader.entries(start, 5000)]
-    leaves = [entry.leaf_hash() for entry in entries]
+    rows = [row for start in range(0, size, 5000) for row in reader.raw_entries(start, 5000)]
+    leaves = [raw_leaf_hash(row[:11]) for row in rows]
     leaf_rate = size / (time.perf_counter() - started)
     started = time.perf_counter()
     MerkleTree(leaves).root()
@@ -184,13 +228,16 @@ def components(db: Path, size: int, audit_elapsed: float) -> None:
     for _ in range(5000):
         verify_signature(identity.public_key, message, signature)
     verify_rate = 5000 / (time.perf_counter() - started)
-    ceiling = verify_rate * (os.cpu_count() or 1) / 2
+    cores = os.cpu_count() or 1
+    ceiling = verify_rate * cores * size / signatures
     print(
         f"  of which: read + recompute leaf hashes {leaf_rate:,.0f} entries/s; Merkle root "
         f"from scratch {root_rate:,.0f} leaves/s; Ed25519 {verify_rate:,.0f} verifications/s "
-        f"per core, so re-verifying 2 signatures per receipt caps an audit of receipt "
-        f"credits at {ceiling:,.0f} entries/s on {os.cpu_count()} cores before any other work "
-        f"(this audit: {size / audit_elapsed / ceiling:.0%} of that ceiling)"
+        f"per core. This log needs {signatures:,} verifications ({signatures / size:.2f} per "
+        f"entry), which alone caps its audit at {ceiling:,.0f} entries/s on {cores} cores "
+        f"(this audit: {size / audit_elapsed / ceiling:.0%} of that ceiling); with the "
+        f"request signatures re-checked too (2 per receipt) the cap would be "
+        f"{verify_rate * cores / 2:,.0f} entries/s"
     )
 
 
@@ -201,12 +248,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
+    try:
+        run(args, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)  # about 300 MB of logs
+
+
+def run(args: argparse.Namespace, directory: Path) -> None:
     ledger = Identity.generate()
     key = directory / "ledger.key"
     save_identity(ledger, key)
     nodes = [Identity.generate() for _ in range(16)]
     clients = [Identity.generate() for _ in range(64)]
-    submitter = Identity.generate()
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; "
         f"batches of {BATCH} pairs; synchronous=FULL (WAL)"
@@ -220,13 +273,13 @@ def main() -> None:
     )
     half = len(http_batches) // 2
     with server(directory / "http1.db", key, processes=1) as url:
-        single = credit_over_http(url, http_batches[:half], submitter, args.workers)
+        single = credit_over_http(url, http_batches[:half], args.workers)
     print(
         f"HTTP, 1 server process, {args.workers} submitters: {single:,.0f} receipts credited/s "
         f"(target 2,000) -> {single / 2000:.2f}x target"
     )
     with server(directory / "http.db", key, processes=os.cpu_count() or 1) as url:
-        http_rate = credit_over_http(url, http_batches[half:], submitter, args.workers)
+        http_rate = credit_over_http(url, http_batches[half:], args.workers)
     print(
         f"HTTP, {os.cpu_count()} server processes (--workers), {args.workers} submitters: "
         f"{http_rate:,.0f} receipts credited/s (target 2,000) -> {http_rate / 2000:.2f}x target; "
@@ -234,7 +287,7 @@ def main() -> None:
     )
 
     store = LedgerStore(directory / "log.db", ledger)
-    in_process = credit_in_process(store, http_batches, submitter)
+    in_process = credit_in_process(store, http_batches)
     print(
         f"in process: {in_process:,.0f} receipts credited/s "
         f"(HTTP reaches {http_rate / in_process:.0%} of it)"
@@ -243,22 +296,31 @@ def main() -> None:
     size = store._reader.size()
     while size < args.entries:
         more = workload(min(20_000, args.entries - size + BATCH), nodes, clients)
-        credit_in_process(store, more, submitter)
+        credit_in_process(store, more)
         size = store._reader.size()
     store.close()
     print(f"log: {size:,} entries")
 
-    started = time.perf_counter()
+    cpu_before, started = cpu_seconds(), time.perf_counter()
     source = DbSource(directory / "log.db")
     report = audit(source)
     source.close()
     db_elapsed = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu_before
+    signatures = report.operations + report.pairs_verified + report.attestations_verified
     print(
-        f"audit --db: {report.tree_size:,} entries, {report.pairs_verified:,} receipts "
+        f"audit --db: {report.tree_size:,} entries ({dict(report.kinds)}), "
+        f"{report.pairs_verified:,} receipts and {report.attestations_verified:,} attestations "
         f"re-verified in {db_elapsed:.1f} s: {report.tree_size / db_elapsed:,.0f} entries/s "
         f"(target 20,000) -> {report.tree_size / db_elapsed / 20000:.2f}x target"
     )
-    components(directory / "log.db", report.tree_size, db_elapsed)
+    cores = os.cpu_count() or 1
+    print(
+        f"  CPU: {cpu:.1f} s over all processes, {cpu / report.tree_size * 1e6:.0f} us per "
+        f"entry: {cores} cores kept busy would audit {report.tree_size / cpu * cores:,.0f} "
+        f"entries/s (load average now {os.getloadavg()[0]:.1f}: the machine is shared)"
+    )
+    components(directory / "log.db", report.tree_size, signatures, db_elapsed)
     with server(directory / "log.db", key) as url:
         started = time.perf_counter()
         source = HttpSource(url)

@@ -6,19 +6,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from corolla.ledger.config import ServiceLimits
 from corolla.verify.encoding import INT_MAX
 from corolla.verify.receipts import MAX_BLOCK, MAX_TOKENS
 
 __all__ = [
+    "AttestationModel",
     "BuyTicketBody",
     "EvidenceBody",
     "PairModel",
     "PairsBody",
     "ReceiptModel",
     "RegisterBody",
+    "ReportBody",
+    "ReportPairModel",
     "SlashBody",
     "StepRequestModel",
 ]
@@ -26,6 +29,7 @@ __all__ = [
 Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Hex16 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
+Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=4096)]
 Block = Annotated[int, Field(ge=0, le=MAX_BLOCK)]
 Count = Annotated[int, Field(ge=0, le=INT_MAX)]
 Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
@@ -90,6 +94,39 @@ class PairsBody(BaseModel):
     pairs: list[PairModel] = Field(min_length=1, max_length=ServiceLimits().max_pairs)
 
 
+class ReportPairModel(BaseModel):
+    """One step: ``StepRequest.to_bytes()`` and ``Receipt.to_bytes()``, base64."""
+
+    model_config = _STRICT
+    request: Base64
+    receipt: Base64
+
+
+class AttestationModel(BaseModel):
+    """A spot-check: steps ``0..steps-1`` of ``node``'s session on blocks ``[start, end)``
+    compared with the verifier's recomputation (the client's request and the verifier's
+    receipt, ``to_bytes()`` in base64); ``score`` is the comparison's score as text."""
+
+    model_config = _STRICT
+    node: Hex32
+    session: Hex16
+    start: Block
+    end: Block
+    steps: Annotated[int, Field(ge=1, le=2**31)]
+    passed: bool
+    score: Annotated[str, StringConstraints(max_length=32)]
+    request: Base64
+    receipt: Base64
+
+
+class ReportBody(BaseModel):
+    """A client's report of its sessions: the nodes' pairs and its spot-check attestations."""
+
+    model_config = _STRICT
+    pairs: list[ReportPairModel] = Field(min_length=1, max_length=ServiceLimits().max_pairs)
+    attestations: list[AttestationModel] = Field(max_length=ServiceLimits().max_attestations)
+
+
 class RegisterBody(BaseModel):
     """Register the signing key as an account with a display name."""
 
@@ -106,17 +143,17 @@ class BuyTicketBody(BaseModel):
 
 
 class EvidenceBody(BaseModel):
-    """Fraud evidence against a node (stored now, judged by the spot-check rules)."""
+    """Fraud evidence: the base64 of ``FraudEvidence.to_bytes()`` (claims, recomputations)."""
 
     model_config = _STRICT
-    accused: Hex32
-    evidence: JsonValue
+    evidence: str
 
 
 class SlashBody(BaseModel):
-    """Operator only: take an account's balance and zero its reputation."""
+    """Operator only: take an account's balance, zero its reputation, bar it from earning, on
+    the strength of fraud evidence in the log (its digest)."""
 
     model_config = _STRICT
     account: Hex32
     reason: str = Field(max_length=500)
-    evidence: Hex32 | None
+    evidence: Hex32

@@ -28,8 +28,10 @@ from corolla.ledger.api_models import (
     EvidenceBody,
     PairsBody,
     RegisterBody,
+    ReportBody,
     SlashBody,
 )
+from corolla.ledger.canonical import encode
 from corolla.ledger.envelope import (
     HEADER_AUTHOR,
     HEADER_NONCE,
@@ -40,7 +42,6 @@ from corolla.ledger.envelope import (
 from corolla.ledger.reader import LedgerReader
 from corolla.ledger.state import Account
 from corolla.ledger.store import LedgerStore
-from corolla.verify.encoding import canonical
 
 __all__ = ["MAX_PAGE", "create_app"]
 
@@ -51,19 +52,22 @@ MAX_PAGE = 1000
 
 
 class BodyLimit:
-    """ASGI middleware: buffer a request body up to ``limit`` bytes, answer 413 beyond it."""
+    """ASGI middleware: buffer a request body up to ``limit`` bytes (``paths`` may allow some
+    routes more), answer 413 beyond it."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope.get("path", ""), self.limit)
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _too_large(send, self.limit)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _too_large(send, limit)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -73,8 +77,8 @@ class BodyLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                await _too_large(send, self.limit)
+            if size > limit:
+                await _too_large(send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -114,7 +118,11 @@ def create_app(store: LedgerStore) -> FastAPI:
         version="1",
         on_shutdown=[readers.close_all],
     )
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        limit=limits.max_body_bytes,
+        paths={"/v1/evidence": limits.max_evidence_body_bytes},
+    )
     _install_error_handlers(app)
 
     def handle(action: str, raw: bytes, headers: dict[str, str | None]) -> Any:
@@ -122,7 +130,7 @@ def create_app(store: LedgerStore) -> FastAPI:
             value = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as error:
             raise InvalidInput(f"body is not JSON: {error}") from None
-        body = canonical(value)
+        body = encode(value)
         present = {name: text for name, text in headers.items() if text is not None}
         try:
             envelope = Envelope.from_headers(present, action, body)
@@ -143,9 +151,12 @@ def create_app(store: LedgerStore) -> FastAPI:
             "rules": store.rules.to_dict(),
             "limits": {
                 "max_body_bytes": limits.max_body_bytes,
+                "max_evidence_body_bytes": limits.max_evidence_body_bytes,
                 "max_pairs": limits.max_pairs,
+                "max_attestations": limits.max_attestations,
                 "max_page": MAX_PAGE,
             },
+            "referee": store.referee is not None,
             "tree_size": reader.size(),
         }
 
@@ -215,42 +226,58 @@ def create_app(store: LedgerStore) -> FastAPI:
     async def register(request: Request, body: RegisterBody, auth: Signed) -> Any:
         return await submit("register", request, auth)
 
-    # The pair endpoints document PairsBody but leave its validation to the rules' strict
-    # parser (the biggest bodies: validating them twice costs more than the signatures).
-    pairs_body = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": _ref("PairsBody")}}},
+    # The report, redemption and evidence bodies are documented by their models but parsed by
+    # the rules' strict readers (the biggest bodies: validating them twice costs more than the
+    # signatures).
+    def documented(model: str) -> dict[str, Any]:
+        schema = {"$ref": _ref(model)}
+        return {
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}
         }
-    }
 
     @app.post(
-        "/v1/work",
-        summary="Submit (request, receipt) pairs to be credited (signed)",
-        openapi_extra=pairs_body,
+        "/v1/reports",
+        summary="A client reports its sessions' pairs and spot-check attestations (signed)",
+        openapi_extra=documented("ReportBody"),
     )
-    async def work(request: Request, auth: Signed) -> Any:
-        return await submit("work", request, auth)
+    async def report(request: Request, auth: Signed) -> Any:
+        return await submit("report", request, auth)
+
+    @app.post("/v1/work", include_in_schema=False)
+    async def work() -> Any:
+        raise LedgerRefused(
+            "POST /v1/work was removed: work earns points only in a client's report with "
+            "spot-check attestations (POST /v1/reports)",
+            410,
+        )
 
     @app.post("/v1/tickets", summary="Buy a priority ticket with points (signed)")
     async def buy_ticket(request: Request, body: BuyTicketBody, auth: Signed) -> Any:
         return await submit("buy-ticket", request, auth)
 
     @app.post(
-        "/v1/tickets/redeem", summary="Redeem ticketed receipts (signed)", openapi_extra=pairs_body
+        "/v1/tickets/redeem",
+        summary="Redeem ticketed receipts (signed)",
+        openapi_extra=documented("PairsBody"),
     )
     async def redeem(request: Request, auth: Signed) -> Any:
         return await submit("redeem", request, auth)
 
-    @app.post("/v1/evidence", summary="Submit fraud evidence: stored, not judged (signed)")
-    async def evidence(request: Request, body: EvidenceBody, auth: Signed) -> Any:
-        return await submit("evidence", request, auth)
+    @app.post(
+        "/v1/evidence",
+        summary="Submit fraud evidence: judged, and the accused slashed when proven (signed)",
+        openapi_extra=documented("EvidenceBody"),
+        responses={202: {"description": "logged but not judged: it convicts nobody"}},
+    )
+    async def evidence(request: Request, auth: Signed) -> Any:
+        result = await submit("evidence", request, auth)
+        return JSONResponse(result, status_code=202 if result["verdict"] == "unjudged" else 200)
 
-    @app.post("/v1/slash", summary="Operator only: slash an account (signed by the ledger)")
+    @app.post("/v1/slash", summary="Operator only: slash an account on logged evidence (signed)")
     async def slash(request: Request, body: SlashBody, auth: Signed) -> Any:
         return await submit("slash", request, auth)
 
-    _document(app, PairsBody)
+    _document(app, PairsBody, ReportBody, EvidenceBody)
     return app
 
 
@@ -258,17 +285,18 @@ def _ref(model: str) -> str:
     return f"#/components/schemas/{model}"
 
 
-def _document(app: FastAPI, model: type[BaseModel]) -> None:
-    """Add ``model`` (and the models it nests) to the OpenAPI components."""
+def _document(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Add ``models`` (and the models they nest) to the OpenAPI components."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = build()
-            schema = model.model_json_schema(ref_template=_ref("{model}"))
             components = document.setdefault("components", {}).setdefault("schemas", {})
-            components.update(schema.pop("$defs", {}))
-            components[model.__name__] = schema
+            for model in models:
+                schema = model.model_json_schema(ref_template=_ref("{model}"))
+                components.update(schema.pop("$defs", {}))
+                components[model.__name__] = schema
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -367,6 +395,7 @@ def _account(account: Account) -> dict[str, Any]:
         "name": account.name,
         "balance": account.balance,
         "reputation": account.reputation,
+        "slashed": account.slashed,
     }
 
 

@@ -12,34 +12,39 @@ behind it, then checks, failing on the first entry at fault (:class:`AuditFailed
    that rewrote history since then is caught here;
 5. each operation: the author's signature, the body's digest, a fresh nonce, a timestamp inside
    the clock window; then replaying the operation under the log's own rules (genesis entry) on
-   a fresh in-memory state re-verifies every receipt and request signature behind a credit or a
-   redemption, and must produce exactly the logged entries, which enforces the invariants
-   (no double credit, no negative balance, no ticket overspent, every credit backed by evidence);
-6. the balances and reputations the ledger serves equal the recomputed ones.
+   a fresh in-memory state re-verifies every receipt signature behind a credit or a redemption
+   and every attestation behind a credit (its verifier's signature, independence, trust, and
+   the tokens it recomputed), re-checks every piece of fraud evidence behind a slash
+   (``check_evidence``: signatures, digests, tensors, comparisons), and must produce exactly the
+   logged entries, which enforces the invariants (no double credit, no negative balance, no
+   ticket overspent, every credit backed by a passed check, every verifier fee paid once, every
+   slash backed by evidence, nothing earned after a slash). A conviction by the ledger's
+   referee is taken as logged unless the auditor has the model (``referee``), in which case it
+   recomputes the accused's outputs and must find them wrong too;
+6. the balances, reputations and slashed marks the ledger serves equal the recomputed ones.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from corolla.errors import CorollaError, InvalidInput, VerificationError
-from corolla.ledger.config import LedgerRules, ServiceLimits
-from corolla.ledger.entries import Entry, Operation, parse_json
-from corolla.ledger.operations import Prepared, apply, prepare
-from corolla.ledger.rules import VerifiedStep
+from corolla.ledger.canonical import encode
+from corolla.ledger.checking import Checked, LoggedReferee, OperationChecker, check_operation
+from corolla.ledger.config import LedgerRules
+from corolla.ledger.entries import Draft, RawEntry, RawOperation, raw_leaf_hash
+from corolla.ledger.operations import apply
 from corolla.ledger.sources import LogSource
 from corolla.ledger.state import MemoryState
 from corolla.ledger.tickets import Ticket, verify_ticket
+from corolla.ledger.verdicts import RefereeLike
 from corolla.verify.checkpoints import Checkpoint, verify_checkpoint
+from corolla.verify.encoding import decode
 from corolla.verify.identity import peer_name_of
 from corolla.verify.merkle import MerkleTree, verify_consistency
 
@@ -48,11 +53,8 @@ __all__ = ["AuditFailed", "AuditReport", "audit"]
 Progress = Callable[[str, int, int], None]
 """``(phase, done, total)``: called as the audit advances."""
 
-# Service limits are policy, not rules: the auditor accepts whatever the ledger accepted.
-_AUDIT_LIMITS = ServiceLimits(max_body_bytes=1 << 40, max_pairs=1 << 30)
-_MAX_WORKERS = 8
-_PARALLEL_BYTES = 2_000_000
-"""Below this much work and redemption evidence, starting processes costs more than it saves."""
+_PARALLEL_ENTRIES = 20_000
+"""Below this many entries, starting worker processes costs more than it saves."""
 
 
 class AuditFailed(VerificationError):
@@ -75,6 +77,9 @@ class AuditReport:
     operations: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
     pairs_verified: int = 0
+    attestations_verified: int = 0
+    evidence_checked: int = 0
+    referee_recomputed: int = 0
     accounts: int = 0
     points: int = 0
     consistent_with: int | None = None
@@ -82,9 +87,14 @@ class AuditReport:
 
 
 def audit(
-    source: LogSource, state_file: Path | None = None, progress: Progress | None = None
+    source: LogSource,
+    state_file: Path | None = None,
+    progress: Progress | None = None,
+    referee: RefereeLike | None = None,
 ) -> AuditReport:
-    """Audit ``source``; raise :class:`AuditFailed` at the first fault, else report."""
+    """Audit ``source``; raise :class:`AuditFailed` at the first fault, else report. With
+    ``referee`` (the model, :class:`~corolla.ledger.referee.Referee`), convictions by the
+    ledger's referee are recomputed."""
     remembered = _load_state(state_file)
     pinned_key = None if remembered is None else bytes.fromhex(remembered["ledger_key"])
     try:
@@ -96,11 +106,12 @@ def audit(
     report = AuditReport(
         source.name, checkpoint.origin, checkpoint.ledger_key, size, checkpoint.root_hash
     )
-    entries, operations, tree = _fetch(source, size, progress)
-    _check_root(source, tree, checkpoint)
-    if remembered is not None:
-        report.consistent_with = _check_consistency(source, tree, checkpoint, remembered)
-    state = _replay(entries, operations, checkpoint, report, progress)
+    with OperationChecker(parallel=size >= _PARALLEL_ENTRIES) as checker:
+        entries, operations, tree = _fetch(source, size, progress, checker)
+        _check_root(source, tree, checkpoint)
+        if remembered is not None:
+            report.consistent_with = _check_consistency(source, tree, checkpoint, remembered)
+        state = _replay(entries, operations, checkpoint, report, progress, referee, checker)
     _compare_cached(source, state, entries, report)
     report.accounts = len(state.accounts)
     report.points = sum(account.balance for account in state.accounts.values())
@@ -110,27 +121,37 @@ def audit(
 
 
 def _fetch(
-    source: LogSource, size: int, progress: Progress | None
-) -> tuple[list[Entry], dict[int, Operation], MerkleTree]:
-    entries: list[Entry] = []
-    operations: dict[int, Operation] = {}
+    source: LogSource, size: int, progress: Progress | None, checker: OperationChecker
+) -> tuple[list[RawEntry], dict[int, RawOperation], MerkleTree]:
+    """Read every entry, check its leaf hash, build the tree; hand the big operations to the
+    checker as soon as they are read (it checks them while this goes on)."""
+    entries: list[RawEntry] = []
+    operations: dict[int, RawOperation] = {}
     tree = MerkleTree()
     for page in source.pages(size):
         leaves = []
-        for entry in page.entries:
+        for entry, stored in zip(page.entries, page.leaf_hashes, strict=True):
             expected = len(entries)
-            if entry.seq != expected:
+            if entry[0] != expected:
                 raise AuditFailed("missing from the log (deleted or renumbered)", expected)
-            leaf = entry.leaf_hash()
-            if page.leaf_hashes.get(entry.seq) != leaf:
+            try:
+                leaf = raw_leaf_hash(entry)
+            except InvalidInput as error:
+                raise AuditFailed(str(error), expected) from None
+            if stored != leaf:
                 raise AuditFailed(
                     "its content does not hash to its leaf hash: the entry was modified",
-                    entry.seq,
+                    expected,
                 )
             entries.append(entry)
             leaves.append(leaf)
         tree.extend(leaves)
-        operations.update(page.operations)
+        checker.submit(page.operations)
+        for operation in page.operations:
+            # A checked body is no longer needed here (a report's can be large).
+            if checker.parallel and operation[4] in ("report", "redeem"):
+                operation = (*operation[:5], b"", *operation[6:])  # type: ignore[assignment]
+            operations.setdefault(operation[0], operation)
         if progress is not None:
             progress("fetch", len(entries), size)
     if len(entries) != size:
@@ -182,67 +203,86 @@ def _check_consistency(
 
 
 def _replay(
-    entries: list[Entry],
-    operations: dict[int, Operation],
+    entries: list[RawEntry],
+    operations: dict[int, RawOperation],
     checkpoint: Checkpoint,
     report: AuditReport,
     progress: Progress | None,
+    referee: RefereeLike | None,
+    checker: OperationChecker,
 ) -> MemoryState:
-    if not entries or entries[0].kind != "genesis":
+    if not entries or entries[0][1] != "genesis":
         raise AuditFailed("the log does not start with a genesis entry", 0)
     genesis = entries[0]
-    if genesis.author != checkpoint.ledger_key:
+    if genesis[8] != checkpoint.ledger_key:
         raise AuditFailed("the genesis entry is not the checkpoint signer's", 0)
     try:
-        rules = LedgerRules.from_dict(genesis.payload.get("rules"))
+        rules = LedgerRules.from_dict(decode(genesis[5]).get("rules"))
     except (InvalidInput, AttributeError) as error:
         raise AuditFailed(f"the genesis entry holds no valid rules: {error}", 0) from None
     state = MemoryState(checkpoint.ledger_key, rules)
-    verified = _verify_in_parallel(operations)
     nonces: set[tuple[bytes, bytes]] = set()
     last_op = -1
     for group in _groups(entries):
         first = group[0]
-        operation = operations.get(first.op)
-        if operation is None or first.op <= last_op:
-            raise AuditFailed("the operation behind it is missing or out of order", first.seq)
-        last_op = first.op
-        _check_operation(group, operation, rules, nonces)
-        prepared = verified.get(operation.op) or _prepare(operation, first.seq)
+        operation = operations.get(first[6])
+        if operation is None or first[6] <= last_op:
+            raise AuditFailed("the operation behind it is missing or out of order", first[0])
+        last_op = first[6]
+        evidence = operation[4] == "evidence"
+        logged = LoggedReferee.of(group, referee) if evidence else None
+        checked = checker.take(operation) or check_operation(operation, logged)
+        _check_operation(group, operation, checked, rules, nonces)
+        prepared = checked.prepared
         if isinstance(prepared, str):
-            raise AuditFailed(f"its operation does not verify: {prepared}", first.seq)
+            raise AuditFailed(f"its operation does not verify: {prepared}", first[0])
         report.pairs_verified += len(prepared.steps)
+        report.attestations_verified += len(prepared.attestations)
+        report.evidence_checked += evidence
+        report.referee_recomputed += 0 if logged is None else logged.recomputed
         for entry in group:
-            if entry.kind == "ticket_bought":
+            if entry[1] == "ticket_bought":
                 _take_ticket_signature(entry, state)
         replayed_from = len(state.drafts)
         try:
-            apply(prepared, state, operation.time)
+            apply(prepared, state, operation[7])
         except CorollaError as error:
-            raise AuditFailed(f"its operation breaks the rules: {error}", first.seq) from None
+            raise AuditFailed(f"its operation breaks the rules: {error}", first[0]) from None
         replayed = state.drafts[replayed_from:]
         for offset, entry in enumerate(group):
             draft = replayed[offset] if offset < len(replayed) else None
-            if draft != entry.draft():
+            if not _same(draft, entry):
                 raise AuditFailed(
                     "replaying its operation under the rules gives another entry "
                     f"({'nothing' if draft is None else draft.kind}): a wrong amount, a double "
                     "credit, or an entry without evidence",
-                    entry.seq,
+                    entry[0],
                 )
         if len(replayed) > len(group):
-            raise AuditFailed("its operation should have produced more entries", group[-1].seq)
+            raise AuditFailed("its operation should have produced more entries", group[-1][0])
         report.operations += 1
-        report.kinds.update(entry.kind for entry in group)
+        report.kinds.update(entry[1] for entry in group)
         if progress is not None:
-            progress("replay", group[-1].seq + 1, len(entries))
+            progress("replay", group[-1][0] + 1, len(entries))
     return state
 
 
-def _groups(entries: list[Entry]) -> Iterator[list[Entry]]:
-    group: list[Entry] = []
+def _same(draft: Draft | None, entry: RawEntry) -> bool:
+    """Whether a replayed draft is the logged entry (payloads compared as canonical bytes)."""
+    return (
+        draft is not None
+        and draft.kind == entry[1]
+        and draft.account == entry[2]
+        and draft.amount == entry[3]
+        and draft.ref == entry[4]
+        and encode(draft.payload) == entry[5]
+    )
+
+
+def _groups(entries: list[RawEntry]) -> Iterator[list[RawEntry]]:
+    group: list[RawEntry] = []
     for entry in entries:
-        if group and entry.op != group[0].op:
+        if group and entry[6] != group[0][6]:
             yield group
             group = []
         group.append(entry)
@@ -251,78 +291,48 @@ def _groups(entries: list[Entry]) -> Iterator[list[Entry]]:
 
 
 def _check_operation(
-    group: list[Entry],
-    operation: Operation,
+    group: list[RawEntry],
+    operation: RawOperation,
+    checked: Checked,
     rules: LedgerRules,
     nonces: set[tuple[bytes, bytes]],
 ) -> None:
-    envelope = operation.envelope
+    envelope = checked.envelope
+    if envelope is None:
+        raise AuditFailed(f"its operation does not verify: {checked.prepared}", group[0][0])
     digest = envelope.digest()
+    time = operation[7]
     for entry in group:
         if (
-            entry.op_digest != digest
-            or entry.author != envelope.author
-            or entry.author_signature != envelope.signature
-            or entry.time != operation.time
+            entry[7] != digest
+            or entry[8] != envelope.author
+            or entry[9] != envelope.signature
+            or entry[10] != time
         ):
-            raise AuditFailed("it does not match the signed operation behind it", entry.seq)
+            raise AuditFailed("it does not match the signed operation behind it", entry[0])
     if (envelope.author, envelope.nonce) in nonces:
-        raise AuditFailed("its operation replays an earlier request's nonce", group[0].seq)
+        raise AuditFailed("its operation replays an earlier request's nonce", group[0][0])
     nonces.add((envelope.author, envelope.nonce))
-    if abs(envelope.timestamp - operation.time) > rules.clock_window_s * 1000:
-        raise AuditFailed("its request's timestamp is outside the clock window", group[0].seq)
+    if abs(envelope.timestamp - time) > rules.clock_window_s * 1000:
+        raise AuditFailed("its request's timestamp is outside the clock window", group[0][0])
 
 
-def _prepare(operation: Operation, seq: int) -> Prepared:
+def _take_ticket_signature(entry: RawEntry, state: MemoryState) -> None:
     try:
-        return prepare(operation.envelope, operation.value(), _AUDIT_LIMITS)
-    except CorollaError as error:
-        raise AuditFailed(f"its operation does not verify: {error}", seq) from None
-
-
-def _verify_in_parallel(operations: dict[int, Operation]) -> dict[int, Prepared | str]:
-    """Check the signatures of the big operations (work, redemptions) on every core at once:
-    they are independent of each other and of the state. Small logs are checked in line."""
-    heavy = [op for op in operations.values() if op.envelope.action in ("work", "redeem")]
-    workers = min(os.cpu_count() or 1, _MAX_WORKERS)
-    if workers < 2 or sum(len(op.body) for op in heavy) < _PARALLEL_BYTES:
-        return {}
-    # fork is quick and safe when this process runs no other thread; else start afresh.
-    method = "fork" if threading.active_count() == 1 else "spawn"
-    items = [(op.op, op.envelope, op.body) for op in heavy]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        results = pool.map(_prepare_steps, items, chunksize=max(1, len(items) // (8 * workers)))
-        return {
-            op: result if isinstance(result, str) else Prepared(envelope, None, result)
-            for (op, envelope, _), result in zip(items, results, strict=True)
-        }
-
-
-def _prepare_steps(item: tuple[int, Any, bytes]) -> tuple[VerifiedStep, ...] | str:
-    """In a worker process: the verified steps of one operation, or why it fails."""
-    _, envelope, body = item
-    try:
-        return prepare(envelope, parse_json(body), _AUDIT_LIMITS).steps
-    except CorollaError as error:
-        return str(error)
-
-
-def _take_ticket_signature(entry: Entry, state: MemoryState) -> None:
-    try:
-        ticket = Ticket.from_value(entry.payload["ticket"])
+        ticket = Ticket.from_value(decode(entry[5])["ticket"])
         verify_ticket(ticket, ledger_key=state.ledger_key)
     except (CorollaError, KeyError, TypeError) as error:
-        raise AuditFailed(f"its ticket is not signed by the ledger: {error}", entry.seq) from None
+        raise AuditFailed(f"its ticket is not signed by the ledger: {error}", entry[0]) from None
     state.ticket_signatures[ticket.serial] = ticket.signature
 
 
 def _compare_cached(
-    source: LogSource, state: MemoryState, entries: list[Entry], report: AuditReport
+    source: LogSource, state: MemoryState, entries: list[RawEntry], report: AuditReport
 ) -> None:
     served = {account.key: account for account in source.accounts()}
     if source.checkpoint().tree_size != report.tree_size:
         return  # the ledger moved on while we audited: its caches are ahead of our replay
-    last_entry: dict[bytes, int] = {entry.account: entry.seq for entry in entries}
+    last_entry: dict[bytes, int] = {entry[2]: entry[0] for entry in entries}
     for key in served.keys() | state.accounts.keys():
         mine, theirs = state.accounts.get(key), served.get(key)
         if mine != theirs:
@@ -337,7 +347,8 @@ def _compare_cached(
 def _show(account: object) -> str:
     if account is None:
         return "no account"
-    return f"balance {account.balance}, reputation {account.reputation}"  # type: ignore[attr-defined]
+    slashed = ", slashed" if account.slashed else ""  # type: ignore[attr-defined]
+    return f"balance {account.balance}, reputation {account.reputation}{slashed}"  # type: ignore[attr-defined]
 
 
 def _load_state(path: Path | None) -> dict[str, Any] | None:

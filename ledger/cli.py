@@ -19,8 +19,9 @@ from rich.table import Table
 from corolla.errors import InvalidInput
 from corolla.ledger.audit import AuditFailed, AuditReport, audit
 from corolla.ledger.client import LedgerClient
-from corolla.ledger.config import LedgerRules
+from corolla.ledger.config import LedgerRules, ServiceLimits
 from corolla.ledger.entries import Entry
+from corolla.ledger.referee import Referee, RefereeConfig
 from corolla.ledger.server import DEFAULT_PORT, ServeConfig, serve
 from corolla.ledger.sources import DbSource, HttpSource, LogSource
 from corolla.ledger.state import Account
@@ -64,13 +65,70 @@ def serve_command(
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Server processes (one writer at a time).")
     ] = 1,
+    fee: Annotated[
+        int,
+        typer.Option(
+            "--verifier-fee-permille",
+            min=0,
+            help="A verifier's fee per block-token it recomputes, in thousandths of the work "
+            "credit (new logs).",
+        ),
+    ] = LedgerRules().verifier_fee_permille,
+    min_reputation: Annotated[
+        int,
+        typer.Option(
+            "--min-verifier-reputation",
+            min=0,
+            help="Reputation a verifier needs for its checks to count (new logs).",
+        ),
+    ] = LedgerRules().min_verifier_reputation,
+    referee_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--referee-model",
+            help="Judge fraud evidence by recomputing it with this model checkpoint.",
+        ),
+    ] = None,
+    referee_max_tokens: Annotated[
+        int, typer.Option("--referee-max-tokens", min=1, help="Most positions per recomputation.")
+    ] = 8192,
+    max_evidence_bytes: Annotated[
+        int, typer.Option("--max-evidence-bytes", min=1024, help="Largest evidence body.")
+    ] = ServiceLimits().max_evidence_body_bytes,
+    seed_verifier: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--seed-verifier",
+            help="Public key (hex) or key file of a verifier a new log trusts from its start "
+            "(repeatable; needed when --min-verifier-reputation is above 0).",
+        ),
+    ] = None,
 ) -> None:
     """Serve a ledger over HTTP (OpenAPI document at /docs)."""
-    rules = LedgerRules(credit_per_block_token=credit, ticket_price_per_block_token=price)
-    typer.echo(f"ledger {origin} on http://{host}:{port} (docs at /docs), database {db}", err=True)
+    rules = LedgerRules(
+        credit_per_block_token=credit,
+        ticket_price_per_block_token=price,
+        verifier_fee_permille=fee,
+        min_verifier_reputation=min_reputation,
+    )
+    referee = None if referee_model is None else RefereeConfig(referee_model, referee_max_tokens)
+    judged = "no referee" if referee is None else f"referee model {referee_model}"
+    typer.echo(
+        f"ledger {origin} on http://{host}:{port} (docs at /docs), database {db}, {judged}",
+        err=True,
+    )
     serve(
         ServeConfig(
-            db=db, key=key, host=host, port=port, origin=origin, rules=rules, workers=workers
+            db=db,
+            key=key,
+            host=host,
+            port=port,
+            origin=origin,
+            rules=rules,
+            limits=ServiceLimits(max_evidence_body_bytes=max_evidence_bytes),
+            workers=workers,
+            referee=referee,
+            seed_verifiers=tuple(_account_key(text) for text in seed_verifier or ()),
         )
     )
 
@@ -83,11 +141,19 @@ def audit_command(
         Path | None,
         typer.Option("--state", help="Remember the checkpoint here; check consistency with it."),
     ] = None,
+    referee_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--referee-model",
+            help="Recompute the referee's convictions with this model checkpoint.",
+        ),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Recompute the whole ledger from its log and check every signature and invariant."""
     if (url is None) == (db is None):
         raise InvalidInput("give exactly one of --url and --db")
+    referee = None if referee_model is None else Referee(RefereeConfig(referee_model))
     source: LogSource = HttpSource(url) if url is not None else DbSource(db)  # type: ignore[arg-type]
     console = Console(stderr=True)
     try:
@@ -99,15 +165,22 @@ def audit_command(
             console=console,
             transient=True,
             disable=as_json,
+            # No refresh thread: the audit forks its worker processes, which is only quick and
+            # safe in a process running one thread (else they are spawned afresh).
+            auto_refresh=False,
         ) as bar:
             tasks: dict[str, Any] = {}
+            shown: dict[str, int] = {}
 
             def progress(phase: str, done: int, total: int) -> None:
                 if phase not in tasks:
                     tasks[phase] = bar.add_task(f"{phase} entries", total=total)
-                bar.update(tasks[phase], completed=done, total=total)
+                    shown[phase] = -total
+                if done - shown[phase] >= total // 200 or done == total:
+                    shown[phase] = done
+                    bar.update(tasks[phase], completed=done, total=total, refresh=True)
 
-            report = audit(source, state, progress)
+            report = audit(source, state, progress, referee)
     except AuditFailed as failure:
         if as_json:
             typer.echo(json.dumps({"ok": False, "entry": failure.seq, "error": str(failure)}))
@@ -119,7 +192,7 @@ def audit_command(
     if as_json:
         typer.echo(json.dumps(_report_dict(report)))
     else:
-        Console().print(_report_table(report))
+        Console().print(_report_table(report, remembered=state is not None))
 
 
 @ledger_app.command("balance")
@@ -137,7 +210,10 @@ def balance_command(
     if as_json:
         typer.echo(json.dumps(_account_dict(found)))
     else:
-        typer.echo(f"{key.hex()}  balance {found.balance} points  reputation {found.reputation}")
+        slashed = "  SLASHED (earns nothing, not trusted as a verifier)" if found.slashed else ""
+        typer.echo(
+            f"{key.hex()}  balance {found.balance} points  reputation {found.reputation}{slashed}"
+        )
 
 
 @ledger_app.command("history")
@@ -155,11 +231,16 @@ def history_command(
         typer.echo(json.dumps([_entry_dict(entry) for entry in entries]))
         return
     table = Table(title=f"history of {key.hex()[:16]}")
-    for column in ("seq", "kind", "amount", "reference", "time (ms)"):
+    for column in ("seq", "kind", "amount", "reference", "detail", "time (ms)"):
         table.add_column(column, justify="right" if column in ("seq", "amount") else "left")
     for entry in entries:
         table.add_row(
-            str(entry.seq), entry.kind, str(entry.amount), entry.ref.hex()[:16], str(entry.time)
+            str(entry.seq),
+            entry.kind,
+            str(entry.amount),
+            entry.ref.hex()[:16],
+            _detail(entry),
+            str(entry.time),
         )
     Console().print(table)
 
@@ -200,14 +281,15 @@ def slash_command(
     account: Annotated[str, typer.Argument(help="Public key (hex) or identity key file.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (stored in the log).")],
     key: Annotated[Path, typer.Option("--key", help="The ledger's own key file (operator).")],
-    url: Url = DEFAULT_URL,
     evidence: Annotated[
-        str | None, typer.Option("--evidence", help="Reference of stored fraud evidence (hex).")
-    ] = None,
+        str, typer.Option("--evidence", help="Digest of fraud evidence in the log (hex).")
+    ],
+    url: Url = DEFAULT_URL,
 ) -> None:
-    """Operator: take an account's balance and zero its reputation."""
+    """Operator: slash an account on logged (e.g. unjudged) fraud evidence: take its balance,
+    zero its reputation, bar it from earning and from verifying."""
     target = _account_key(account)
-    reference = None if evidence is None else _hex32(evidence, "--evidence")
+    reference = _hex32(evidence, "--evidence")
     with LedgerClient(url, load_identity(key)) as client:
         taken = client.slash(target, reason, reference)
     typer.echo(f"slashed {target.hex()[:16]}: took {taken} points, reputation zeroed")
@@ -234,6 +316,7 @@ def _account_dict(account: Account) -> dict[str, Any]:
         "name": account.name,
         "balance": account.balance,
         "reputation": account.reputation,
+        "slashed": account.slashed,
     }
 
 
@@ -244,8 +327,32 @@ def _entry_dict(entry: Entry) -> dict[str, Any]:
         "account": entry.account.hex(),
         "amount": entry.amount,
         "ref": entry.ref.hex(),
+        "detail": _detail(entry),
         "time": entry.time,
     }
+
+
+def _detail(entry: Entry) -> str:
+    """One line on what an entry means, from its payload."""
+    payload = entry.payload if isinstance(entry.payload, dict) else {}
+    short = {key: value.hex()[:16] for key, value in payload.items() if isinstance(value, bytes)}
+    if entry.kind == "work_credited":
+        return (
+            f"session {short.get('session', '?')} of client {short.get('client', '?')}, "
+            f"pair {payload.get('pair')}, checked by attestation {payload.get('attestation')}"
+        )
+    if entry.kind == "verifier_fee":
+        return (
+            f"checked node {short.get('node', '?')} for client {short.get('client', '?')}: "
+            f"{payload.get('units')} block-tokens recomputed"
+        )
+    if entry.kind == "fraud_evidence":
+        return f"{payload.get('verdict')} (by {payload.get('judge')}): {payload.get('reason')}"
+    if entry.kind in ("slash", "reputation_changed"):
+        return str(payload.get("reason", ""))
+    if entry.kind == "ticket_redeemed":
+        return f"{payload.get('units')} block-tokens of ticket {short.get('ticket', '?')}"
+    return ""
 
 
 def _report_dict(report: AuditReport) -> dict[str, Any]:
@@ -259,6 +366,9 @@ def _report_dict(report: AuditReport) -> dict[str, Any]:
         "operations": report.operations,
         "entries_by_kind": dict(report.kinds),
         "pairs_verified": report.pairs_verified,
+        "attestations_verified": report.attestations_verified,
+        "evidence_checked": report.evidence_checked,
+        "referee_recomputed": report.referee_recomputed,
         "accounts": report.accounts,
         "points": report.points,
         "consistent_with": report.consistent_with,
@@ -266,7 +376,7 @@ def _report_dict(report: AuditReport) -> dict[str, Any]:
     }
 
 
-def _report_table(report: AuditReport) -> Table:
+def _report_table(report: AuditReport, *, remembered: bool) -> Table:
     table = Table(title=f"audit of {report.origin} passed", show_header=False)
     table.add_column("check")
     table.add_column("result")
@@ -275,15 +385,18 @@ def _report_table(report: AuditReport) -> Table:
     table.add_row("root hash", report.root_hash.hex())
     table.add_row("signed operations verified", str(report.operations))
     table.add_row("receipts re-verified", str(report.pairs_verified))
+    table.add_row("attestations re-verified", str(report.attestations_verified))
+    table.add_row("fraud evidence re-checked", str(report.evidence_checked))
+    if report.referee_recomputed:
+        table.add_row("referee convictions recomputed", str(report.referee_recomputed))
     for kind, count in sorted(report.kinds.items()):
         table.add_row(f"  {kind}", str(count))
     table.add_row("accounts", str(report.accounts))
     table.add_row("points in circulation", str(report.points))
-    consistent = (
-        "first audit (state saved)"
-        if report.consistent_with is None
-        else f"consistent with size {report.consistent_with}"
-    )
+    if report.consistent_with is not None:
+        consistent = f"consistent with size {report.consistent_with}"
+    else:
+        consistent = "first audit (state saved)" if remembered else "not compared (no --state)"
     table.add_row("history", consistent)
     table.add_row(
         "cached balances",

@@ -14,13 +14,14 @@ import asyncio
 import json
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from corolla.errors import InvalidInput, LedgerError, LedgerRefused
-from corolla.ledger.entries import Entry, Operation, from_hex
+from corolla.ledger.entries import Entry, Operation, b64encode, from_hex
 from corolla.ledger.envelope import sign_envelope
+from corolla.ledger.reports import Attestation, report_batches, report_body
 from corolla.ledger.state import Account
 from corolla.ledger.tickets import Ticket, verify_ticket
 from corolla.verify.checkpoints import Checkpoint, verify_checkpoint
@@ -28,7 +29,10 @@ from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest
 
-__all__ = ["AsyncLedgerClient", "ClientConfig", "EntryPage", "LedgerClient"]
+if TYPE_CHECKING:
+    from corolla.verify.evidence import FraudEvidence
+
+__all__ = ["AsyncLedgerClient", "ClientConfig", "EntryPage", "EvidenceVerdict", "LedgerClient"]
 
 _T = TypeVar("_T")
 Pairs = Sequence[tuple[StepRequest, Receipt]]
@@ -42,7 +46,26 @@ class ClientConfig:
     attempts: int = 3
     backoff_s: float = 0.2
     batch_pairs: int = 500
-    """Submissions of more pairs are split into signed batches of this size."""
+    """Submissions of more pairs are split into signed batches of about this size (a report
+    keeps each node-session's pairs, and the attestations that check them, together)."""
+    evidence_timeout_s: float = 300.0
+    """Fraud evidence is large and the ledger may recompute it: a longer timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvidenceVerdict:
+    """The ledger's answer to fraud evidence (a refusal raises ``LedgerRefused`` instead)."""
+
+    verdict: str
+    """``guilty`` (the accused was slashed) or ``unjudged`` (logged; convicts nobody)."""
+    judge: str
+    """``referee``, ``verifiers`` or ``none``."""
+    reason: str
+    accused: bytes
+    evidence_digest: bytes
+    taken: int
+    """Points the slash took from the accused."""
+    entries: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +109,19 @@ class AsyncLedgerClient:
         """Register the client's key as an account called ``name``."""
         return await self._signed("/v1/accounts", "register", {"name": name})
 
-    async def submit_work(self, pairs: Pairs) -> list[dict[str, Any]]:
-        """Submit (request, receipt) pairs for credit; returns each batch's result."""
+    async def submit_report(
+        self, pairs: Pairs, attestations: Sequence[Attestation]
+    ) -> list[dict[str, Any]]:
+        """Report sessions' (request, receipt) pairs and the spot-check attestations covering
+        them (the client's identity must be the client of all of them). Work earns its nodes
+        points only where a passed check by a trusted, independent verifier covers it; a
+        counted check earns its verifier a fee. Returns each batch's result: per pair the
+        credited units (or why none), per attestation whether it counted and its fee."""
+        if not pairs:
+            raise InvalidInput("no pairs to report")
         return [
-            await self._signed("/v1/work", "work", {"pairs": batch})
-            for batch in self._batches(pairs)
+            await self._signed("/v1/reports", "report", report_body(batch, checks))
+            for batch, checks in report_batches(pairs, attestations, self.config.batch_pairs)
         ]
 
     async def buy_ticket(self, budget: int, ttl_s: int) -> Ticket:
@@ -107,20 +138,32 @@ class AsyncLedgerClient:
             for batch in self._batches(pairs)
         ]
 
-    async def submit_evidence(self, accused: bytes, evidence: Any) -> bytes:
-        """Store fraud evidence against ``accused``; returns its reference digest."""
-        body = {"accused": accused.hex(), "evidence": evidence}
-        result = await self._signed("/v1/evidence", "evidence", body)
-        return from_hex(result["evidence_ref"])
+    async def submit_evidence(self, evidence: FraudEvidence) -> EvidenceVerdict:
+        """Submit fraud evidence; the ledger checks and judges it. Returns its verdict
+        (``guilty``: the accused was slashed; ``unjudged``: logged, convicts nobody); raises
+        :class:`LedgerRefused` with the reason for evidence that is forged, tampered, or
+        accuses an honest node."""
+        body = {"evidence": b64encode(evidence.to_bytes())}
+        result = await self._signed(
+            "/v1/evidence", "evidence", body, timeout=self.config.evidence_timeout_s
+        )
+        try:
+            return EvidenceVerdict(
+                verdict=str(result["verdict"]),
+                judge=str(result["judge"]),
+                reason=str(result["reason"]),
+                accused=from_hex(result["accused"]),
+                evidence_digest=from_hex(result["evidence_digest"]),
+                taken=int(result["taken"]),
+                entries=tuple(int(seq) for seq in result["entries"]),
+            )
+        except (KeyError, TypeError, ValueError, InvalidInput) as error:
+            raise LedgerError(f"the ledger sent a malformed verdict: {error}") from None
 
-    async def slash(self, account: bytes, reason: str, evidence: bytes | None = None) -> int:
-        """Operator only (the client's identity must be the ledger's key): slash ``account``;
-        returns the points taken."""
-        body = {
-            "account": account.hex(),
-            "reason": reason,
-            "evidence": None if evidence is None else evidence.hex(),
-        }
+    async def slash(self, account: bytes, reason: str, evidence: bytes) -> int:
+        """Operator only (the client's identity must be the ledger's key): slash ``account``
+        on the strength of fraud evidence in the log (its digest); returns the points taken."""
+        body = {"account": account.hex(), "reason": reason, "evidence": evidence.hex()}
         return int((await self._signed("/v1/slash", "slash", body))["taken"])
 
     # Reads.
@@ -146,7 +189,8 @@ class AsyncLedgerClient:
         return _account(data)
 
     async def balance(self, key: bytes) -> int:
-        """Points held by ``key`` (0 for an unknown account)."""
+        """Points held by ``key`` (0 for an unknown account). One small indexed read: cheap
+        enough for a node to poll for a live display."""
         account = await self.account(key)
         return 0 if account is None else account.balance
 
@@ -168,9 +212,13 @@ class AsyncLedgerClient:
         data = await self._get("/v1/top", {"by": by, "limit": limit})
         return [_account(item) for item in data["accounts"]]
 
+    async def raw_entries(self, start: int, limit: int = 1000) -> dict[str, Any]:
+        """A page of the log as the ledger sent it (JSON; what auditors parse themselves)."""
+        return await self._get("/v1/entries", {"start": start, "limit": limit})
+
     async def entries(self, start: int, limit: int = 1000) -> EntryPage:
         """A page of the log from sequence number ``start``."""
-        data = await self._get("/v1/entries", {"start": start, "limit": limit})
+        data = await self.raw_entries(start, limit)
         try:
             entries = [Entry.from_dict(item) for item in data["entries"]]
             leaves = {item["seq"]: from_hex(item["leaf_hash"]) for item in data["entries"]}
@@ -203,14 +251,19 @@ class AsyncLedgerClient:
         size = self.config.batch_pairs
         return [items[i : i + size] for i in range(0, len(items), size)]
 
-    async def _signed(self, path: str, action: str, body: Any) -> dict[str, Any]:
+    async def _signed(
+        self, path: str, action: str, body: Any, timeout: float | None = None
+    ) -> dict[str, Any]:
         if self.identity is None:
             raise InvalidInput("this ledger client has no identity to sign requests with")
         data = canonical(body)
         envelope = sign_envelope(self.identity, action, data)
         content = json.dumps(body, separators=(",", ":")).encode()
         headers = {**envelope.to_headers(), "content-type": "application/json"}
-        return await self._send("POST", path, content=content, headers=headers)
+        request: dict[str, Any] = {"content": content, "headers": headers}
+        if timeout is not None:
+            request["timeout"] = timeout
+        return await self._send("POST", path, **request)
 
     async def _get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return await self._send("GET", path, params=params)
@@ -267,8 +320,10 @@ class LedgerClient:
     def register(self, name: str) -> dict[str, Any]:
         return self._run(self.client.register(name))
 
-    def submit_work(self, pairs: Pairs) -> list[dict[str, Any]]:
-        return self._run(self.client.submit_work(pairs))
+    def submit_report(
+        self, pairs: Pairs, attestations: Sequence[Attestation]
+    ) -> list[dict[str, Any]]:
+        return self._run(self.client.submit_report(pairs, attestations))
 
     def buy_ticket(self, budget: int, ttl_s: int) -> Ticket:
         return self._run(self.client.buy_ticket(budget, ttl_s))
@@ -276,10 +331,10 @@ class LedgerClient:
     def redeem(self, pairs: Pairs) -> list[dict[str, Any]]:
         return self._run(self.client.redeem(pairs))
 
-    def submit_evidence(self, accused: bytes, evidence: Any) -> bytes:
-        return self._run(self.client.submit_evidence(accused, evidence))
+    def submit_evidence(self, evidence: FraudEvidence) -> EvidenceVerdict:
+        return self._run(self.client.submit_evidence(evidence))
 
-    def slash(self, account: bytes, reason: str, evidence: bytes | None = None) -> int:
+    def slash(self, account: bytes, reason: str, evidence: bytes) -> int:
         return self._run(self.client.slash(account, reason, evidence))
 
     def info(self) -> dict[str, Any]:
@@ -305,6 +360,9 @@ class LedgerClient:
 
     def entries(self, start: int, limit: int = 1000) -> EntryPage:
         return self._run(self.client.entries(start, limit))
+
+    def raw_entries(self, start: int, limit: int = 1000) -> dict[str, Any]:
+        return self._run(self.client.raw_entries(start, limit))
 
     def inclusion_proof(self, index: int, size: int) -> tuple[bytes, list[bytes]]:
         return self._run(self.client.inclusion_proof(index, size))
@@ -343,6 +401,7 @@ def _account(data: Any) -> Account:
             str(data["name"]),
             int(data["balance"]),
             int(data["reputation"]),
+            bool(data.get("slashed", False)),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise LedgerError(f"the ledger sent a malformed account: {error}") from None

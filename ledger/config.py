@@ -9,6 +9,8 @@ from corolla.errors import InvalidInput
 
 __all__ = ["LedgerRules", "ServiceLimits"]
 
+_MAY_BE_ZERO = frozenset({"verifier_fee_permille", "min_verifier_reputation"})
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerRules:
@@ -27,12 +29,23 @@ class LedgerRules:
     """Reputation earned slowly (+1 per newly credited client session) stops here."""
     clock_window_s: int = 120
     """A signed request's timestamp must be within this many seconds of the ledger's clock."""
+    verifier_fee_permille: int = 100
+    """A verifier's fee for a counted spot-check, in thousandths of ``credit_per_block_token``
+    per block-token it recomputed (100: 10 % of what the same work earns a node). 0: no fee."""
+    min_verifier_reputation: int = 0
+    """A verifier counts (its attestations credit work, its recomputations convict) only if it
+    was never slashed and its reputation is at least this. 0 lets a new swarm bootstrap: nobody
+    has reputation yet. Raising it makes every verifier first earn credit in that many client
+    sessions checked by others, so a Sybil verifier costs real, checked work."""
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
-                raise InvalidInput(f"ledger rule {field.name} must be a positive int, not {value}")
+            low = 0 if field.name in _MAY_BE_ZERO else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**31:
+                raise InvalidInput(
+                    f"ledger rule {field.name} must be an int in [{low}, 2^31), not {value}"
+                )
 
     def to_dict(self) -> dict[str, int]:
         """The rules as a canonical-encodable dict (the genesis entry's payload)."""
@@ -55,5 +68,8 @@ class ServiceLimits:
     """Requests with a larger body are refused with 413 before they are read."""
     max_pairs: int = 2000
     """Most (request, receipt) pairs in one submission."""
-    max_evidence_bytes: int = 1024 * 1024
-    """Largest canonical encoding of one fraud-evidence document."""
+    max_attestations: int = 512
+    """Most spot-check attestations in one report."""
+    max_evidence_body_bytes: int = 32 * 1024 * 1024
+    """Largest body of ``POST /v1/evidence`` (fraud evidence with its tensors, base64 in JSON);
+    every other endpoint keeps ``max_body_bytes``."""

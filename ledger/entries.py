@@ -15,12 +15,13 @@ import base64
 import binascii
 import json
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 from corolla.errors import InvalidInput
 from corolla.ledger.envelope import Envelope, body_digest
-from corolla.verify.encoding import canonical, decode, domain_message
+from corolla.verify.encoding import DOMAIN_PREFIX, canonical, decode, domain_message
 from corolla.verify.merkle import leaf_hash
 
 __all__ = [
@@ -28,10 +29,13 @@ __all__ = [
     "Draft",
     "Entry",
     "Operation",
+    "RawEntry",
+    "RawOperation",
     "b64decode",
     "b64encode",
     "from_hex",
     "parse_json",
+    "raw_leaf_hash",
     "stored_json",
 ]
 
@@ -39,6 +43,7 @@ KINDS = (
     "genesis",
     "account_registered",
     "work_credited",
+    "verifier_fee",
     "reputation_changed",
     "ticket_bought",
     "ticket_redeemed",
@@ -46,6 +51,17 @@ KINDS = (
     "fraud_evidence",
 )
 _HEX = re.compile(r"(?:[0-9a-f]{2})*")
+
+RawEntry = tuple[int, str, bytes, int, bytes, bytes, int, bytes, bytes, bytes, int]
+"""An entry as stored: ``(seq, kind, account, amount, ref, payload, op, op_digest, author,
+author_signature, time)`` with the payload as its canonical bytes (what the auditor hashes
+without decoding)."""
+
+RawOperation = tuple[int, bytes, bytes, int, str, bytes, bytes, int]
+"""An operation as stored: ``(op, author, nonce, timestamp, action, body, signature, time)``."""
+
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +110,22 @@ class Entry:
     def leaf_hash(self) -> bytes:
         """RFC 6962 leaf hash of :meth:`leaf_bytes`."""
         return leaf_hash(self.leaf_bytes())
+
+    def raw(self) -> RawEntry:
+        """The stored form (payload as canonical bytes)."""
+        return (
+            self.seq,
+            self.kind,
+            self.account,
+            self.amount,
+            self.ref,
+            canonical(self.payload),
+            self.op,
+            self.op_digest,
+            self.author,
+            self.author_signature,
+            self.time,
+        )
 
     def draft(self) -> Draft:
         """The part an operation decides (what replaying the operation must reproduce)."""
@@ -188,6 +220,52 @@ class Operation:
             return cls(op=_int(data["op"]), envelope=envelope, body=body, time=_int(data["time"]))
         except KeyError as error:
             raise InvalidInput(f"operation is missing field {error}") from None
+
+
+def _bytes(value: bytes) -> bytes:
+    return b"\x05" + _U32.pack(len(value)) + value
+
+
+def _leaf_head() -> bytes:
+    domain = (DOMAIN_PREFIX + "ledger-entry").encode()
+    return (
+        b"\x06" + _U32.pack(2) + b"\x04" + _U32.pack(len(domain)) + domain + b"\x06" + _U32.pack(10)
+    )
+
+
+_LEAF_HEAD = _leaf_head()
+
+
+def raw_leaf_hash(entry: RawEntry) -> bytes:
+    """:meth:`Entry.leaf_hash` of a stored entry, from its payload's canonical bytes as they
+    are (the canonical encoding of a list is its items' encodings in a row, so the payload
+    needs no decoding and re-encoding). Raises :class:`InvalidInput` for out-of-range fields."""
+    seq, kind, account, amount, ref, payload, _, op_digest, author, signature, time = entry
+    try:
+        name = kind.encode()
+        data = b"".join(
+            (
+                _LEAF_HEAD,
+                b"\x03",
+                _I64.pack(seq),
+                b"\x04",
+                _U32.pack(len(name)),
+                name,
+                _bytes(account),
+                b"\x03",
+                _I64.pack(amount),
+                _bytes(ref),
+                payload,
+                _bytes(op_digest),
+                _bytes(author),
+                _bytes(signature),
+                b"\x03",
+                _I64.pack(time),
+            )
+        )
+    except (struct.error, TypeError, AttributeError, UnicodeEncodeError) as error:
+        raise InvalidInput(f"entry {seq} has a malformed field: {error}") from None
+    return leaf_hash(data)
 
 
 def stored_json(value: Any) -> bytes:

@@ -13,25 +13,29 @@ operation appends nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from corolla.errors import BadSignature, InvalidInput, LedgerRefused
 from corolla.ledger.config import ServiceLimits
-from corolla.ledger.entries import Draft
+from corolla.ledger.entries import Draft, b64decode
 from corolla.ledger.envelope import Envelope, verify_envelope
+from corolla.ledger.judging import apply_evidence, apply_slash
+from corolla.ledger.reports import parse_report, verify_report
 from corolla.ledger.rules import (
+    VerifiedAttestation,
     VerifiedStep,
     area,
     creditable_work,
     parse_pairs,
     reputation_after_credit,
     uncovered,
+    verify_pairs,
 )
-from corolla.ledger.state import LedgerState
+from corolla.ledger.state import LedgerState, ensure_account, standing_of
 from corolla.ledger.tickets import Ticket
-from corolla.verify.encoding import canonical, domain_digest
+from corolla.ledger.verdicts import Findings, RefereeLike
 from corolla.verify.identity import SIGNATURE_SIZE, peer_name_of
 
 __all__ = ["Outcome", "Prepared", "apply", "prepare"]
@@ -40,6 +44,7 @@ MAX_NAME = 64
 MAX_BALANCE = 2**62
 """No account may hold more points (sums stay inside SQLite's 64-bit integers)."""
 MAX_REASON = 500
+MAX_SEEDS = 256
 _MS = 1000
 
 
@@ -50,11 +55,13 @@ class Prepared:
     envelope: Envelope
     body: Any
     steps: tuple[VerifiedStep, ...] = ()
+    attestations: tuple[VerifiedAttestation, ...] = ()
+    findings: Findings | None = None
 
 
 @dataclass(slots=True)
 class Outcome:
-    """What applying an operation did: the entries it appended, and per-pair results."""
+    """What applying an operation did: the entries it appended, and per-item results."""
 
     seqs: list[int] = field(default_factory=list)
     pairs: list[dict[str, Any]] = field(default_factory=list)
@@ -65,10 +72,11 @@ def prepare(
     envelope: Envelope,
     body: Any,
     limits: ServiceLimits,
-    verify: Callable[[Sequence[Any]], list[VerifiedStep]] = creditable_work,
+    referee: RefereeLike | None = None,
 ) -> Prepared:
-    """Check the author's signature, the body's shape and, for work and redemptions, every
-    pair (through ``verify``, by default :func:`~corolla.ledger.rules.creditable_work`)."""
+    """Check the author's signature, the body's shape and, for reports and redemptions, every
+    record's signature and binding; examine fraud evidence (with ``referee``'s recomputation
+    when there is one). Independent of the ledger's state."""
     try:
         verify_envelope(envelope)
     except BadSignature:
@@ -77,9 +85,21 @@ def prepare(
             f"{peer_name_of(envelope.author)}",
             401,
         ) from None
-    if envelope.action in ("work", "redeem"):
-        return Prepared(envelope, body, tuple(verify(parse_pairs(body, limits.max_pairs))))
-    _check_body(envelope.action, body, limits)
+    action = envelope.action
+    if action == "report":
+        report = parse_report(body, limits.max_pairs, limits.max_attestations)
+        steps, attestations = verify_report(report, envelope.author)
+        return Prepared(envelope, body, tuple(steps), tuple(attestations))
+    if action == "redeem":
+        steps = verify_pairs(parse_pairs(body, limits.max_pairs), reporter=None)
+        return Prepared(envelope, body, tuple(steps))
+    _check_body(action, body)
+    if action == "evidence":
+        # Imported here: examining evidence needs torch, which nothing else in the ledger does.
+        from corolla.ledger.evidence import examine
+
+        findings = examine(b64decode(body["evidence"]), referee)
+        return Prepared(envelope, body, findings=findings)
     return Prepared(envelope, body)
 
 
@@ -98,16 +118,18 @@ def apply(prepared: Prepared, state: LedgerState, time: int) -> Outcome:
             state.append(Draft("account_registered", author, 0, b"", {"name": name}))
         )
         return outcome
-    if action == "work":
-        _work(prepared.steps, state, outcome)
+    if action == "report":
+        _report(prepared, state, outcome)
     elif action == "redeem":
         _redeem(prepared.steps, state, time, outcome)
     elif action == "buy-ticket":
         _buy_ticket(prepared, state, time, outcome)
     elif action == "evidence":
-        _evidence(prepared, state, outcome)
+        if prepared.findings is None:
+            raise InvalidInput("evidence that was not examined")
+        apply_evidence(prepared.findings, state, outcome.seqs, outcome.extra)
     elif action == "slash":
-        _slash(prepared, state, outcome)
+        apply_slash(prepared.envelope.author, prepared.body, state, outcome.seqs, outcome.extra)
     else:
         raise InvalidInput(f"unknown action {action!r}")
     return outcome
@@ -122,51 +144,105 @@ def _genesis(prepared: Prepared, state: LedgerState) -> Outcome:
     seq = state.append(Draft("genesis", state.ledger_key, 0, b"", body))
     if seq != 0:
         raise LedgerRefused("the log already has a genesis entry", 409)
-    return Outcome(seqs=[seq])
+    outcome = Outcome(seqs=[seq])
+    # Seed verifiers start with the reputation a verifier needs: without them, a log whose
+    # rules ask verifiers for reputation could never credit anything (reputation comes only
+    # from work that trusted verifiers checked).
+    for text in body["seed_verifiers"]:
+        key = bytes.fromhex(text)
+        draft = Draft("account_registered", key, 0, b"", {"name": "seed verifier"})
+        outcome.seqs.append(state.append(draft))
+        if state.rules.min_verifier_reputation:
+            reason = {"reason": "seed verifier named in the genesis entry"}
+            draft = Draft(
+                "reputation_changed", key, state.rules.min_verifier_reputation, b"", reason
+            )
+            outcome.seqs.append(state.append(draft))
+    return outcome
 
 
 def _ensure_account(state: LedgerState, key: bytes, outcome: Outcome) -> None:
-    if state.account(key) is None:
-        outcome.seqs.append(state.append(Draft("account_registered", key, 0, b"", {"name": ""})))
+    outcome.seqs.extend(ensure_account(state, key))
 
 
-def _work(steps: Sequence[VerifiedStep], state: LedgerState, outcome: Outcome) -> None:
+def _report(prepared: Prepared, state: LedgerState, outcome: Outcome) -> None:
     rules = state.rules
-    for step in steps:
-        pieces = uncovered(step.rect, state.covered(step.client_key, step.session_id, step.rect))
-        units = sum(area(piece) for piece in pieces)
-        outcome.pairs.append({"pair": step.index, "credited_units": units})
-        if not units:
+    credit = creditable_work(
+        prepared.steps, prepared.attestations, standing_of(state), rules.min_verifier_reputation
+    )
+    for step in prepared.steps:
+        attestation = credit.credited.get(step.index)
+        if attestation is None:
+            reason = credit.refused[step.index]
+            outcome.pairs.append({"pair": step.index, "credited_units": 0, "reason": reason})
             continue
-        _ensure_account(state, step.node_key, outcome)
-        _check_room(state, step.node_key, units * rules.credit_per_block_token)
-        first_in_session = not state.has_earned(step.node_key, step.client_key, step.session_id)
+        _credit_step(step, attestation, state, outcome)
+    checks = []
+    for attestation in prepared.attestations:
+        ignored = credit.ignored.get(attestation.index)
+        checks.append({"attestation": attestation.index, "counted": ignored is None, "fee": 0})
+        if ignored is not None:
+            checks[-1]["reason"] = ignored
+    for attestation in credit.counted:
+        fee = attestation.units * rules.credit_per_block_token * rules.verifier_fee_permille // 1000
+        if not fee or state.fee_paid(attestation.receipt_digest):
+            continue
+        verifier = attestation.verifier_key
+        _ensure_account(state, verifier, outcome)
+        _check_room(state, verifier, fee)
         payload = {
-            "pair": step.index,
-            "client": step.client_key,
-            "session": step.session_id,
-            "pieces": [list(piece) for piece in pieces],
+            "attestation": attestation.index,
+            "node": attestation.node_key,
+            "client": attestation.client_key,
+            "session": attestation.session_id,
+            "units": attestation.units,
         }
-        draft = Draft(
-            "work_credited",
-            step.node_key,
-            units * rules.credit_per_block_token,
-            step.receipt_digest,
-            payload,
-        )
+        draft = Draft("verifier_fee", verifier, fee, attestation.receipt_digest, payload)
         outcome.seqs.append(state.append(draft))
-        account = state.account(step.node_key)
-        if first_in_session and account is not None:
-            gain = reputation_after_credit(account.reputation, rules.reputation_cap)
-            if gain > account.reputation:
-                change = Draft(
-                    "reputation_changed",
-                    step.node_key,
-                    gain - account.reputation,
-                    b"",
-                    {"reason": "credited in a new client session"},
-                )
-                outcome.seqs.append(state.append(change))
+        checks[attestation.index]["fee"] = fee
+    outcome.extra["attestations"] = checks
+
+
+def _credit_step(
+    step: VerifiedStep, attestation: int, state: LedgerState, outcome: Outcome
+) -> None:
+    rules = state.rules
+    pieces = uncovered(step.rect, state.covered(step.client_key, step.session_id, step.rect))
+    units = sum(area(piece) for piece in pieces)
+    outcome.pairs.append({"pair": step.index, "credited_units": units})
+    if not units:
+        outcome.pairs[-1]["reason"] = "already credited"
+        return
+    _ensure_account(state, step.node_key, outcome)
+    _check_room(state, step.node_key, units * rules.credit_per_block_token)
+    first_in_session = not state.has_earned(step.node_key, step.client_key, step.session_id)
+    payload = {
+        "pair": step.index,
+        "attestation": attestation,
+        "client": step.client_key,
+        "session": step.session_id,
+        "pieces": [list(piece) for piece in pieces],
+    }
+    draft = Draft(
+        "work_credited",
+        step.node_key,
+        units * rules.credit_per_block_token,
+        step.receipt_digest,
+        payload,
+    )
+    outcome.seqs.append(state.append(draft))
+    account = state.account(step.node_key)
+    if first_in_session and account is not None:
+        gain = reputation_after_credit(account.reputation, rules.reputation_cap)
+        if gain > account.reputation:
+            change = Draft(
+                "reputation_changed",
+                step.node_key,
+                gain - account.reputation,
+                b"",
+                {"reason": "passed a spot-check in a new client session"},
+            )
+            outcome.seqs.append(state.append(change))
 
 
 def _check_room(state: LedgerState, key: bytes, amount: int) -> None:
@@ -181,8 +257,11 @@ def _redeem(steps: Sequence[VerifiedStep], state: LedgerState, time: int, outcom
     for step in steps:
         reason = None
         ticket_state = None if step.ticket_digest is None else state.ticket(step.ticket_digest)
+        node = state.account(step.node_key)
         if step.ticket_digest is None:
             reason = "the request names no ticket"
+        elif node is not None and node.slashed:
+            reason = "the node was slashed"
         elif ticket_state is None:
             reason = "the ledger sold no such ticket"
         elif ticket_state.ticket.client_key != step.client_key:
@@ -242,41 +321,18 @@ def _buy_ticket(prepared: Prepared, state: LedgerState, time: int, outcome: Outc
     outcome.extra["ticket_digest"] = ticket.digest().hex()
 
 
-def _evidence(prepared: Prepared, state: LedgerState, outcome: Outcome) -> None:
-    accused = bytes.fromhex(prepared.body["accused"])
-    document = prepared.body["evidence"]
-    ref = domain_digest("fraud-evidence", accused, document)
-    draft = Draft("fraud_evidence", accused, 0, ref, {"judged": False})
-    outcome.seqs.append(state.append(draft))
-    outcome.extra["evidence_ref"] = ref.hex()
-
-
-def _slash(prepared: Prepared, state: LedgerState, outcome: Outcome) -> None:
-    if prepared.envelope.author != state.ledger_key:
-        raise LedgerRefused("only the ledger operator (the ledger's own key) may slash", 403)
-    target = bytes.fromhex(prepared.body["account"])
-    account = state.account(target)
-    if account is None:
-        raise LedgerRefused(f"no account {peer_name_of(target)}", 404)
-    evidence = prepared.body.get("evidence")
-    ref = b"" if evidence is None else bytes.fromhex(evidence)
-    reason = prepared.body["reason"]
-    outcome.seqs.append(
-        state.append(Draft("slash", target, -account.balance, ref, {"reason": reason}))
-    )
-    if account.reputation:
-        change = Draft("reputation_changed", target, -account.reputation, b"", {"reason": "slash"})
-        outcome.seqs.append(state.append(change))
-    outcome.extra["taken"] = account.balance
-
-
-def _check_body(action: str, body: Any, limits: ServiceLimits) -> None:
+def _check_body(action: str, body: Any) -> None:
     """Shape checks for the small bodies (the HTTP layer checks them too; the auditor relies
     on these)."""
     if not isinstance(body, dict):
         raise InvalidInput("the body must be a JSON object")
     if action == "genesis":
-        _fields(body, {"origin", "rules"})
+        _fields(body, {"origin", "rules", "seed_verifiers"})
+        seeds = body["seed_verifiers"]
+        if not isinstance(seeds, list) or len(seeds) > MAX_SEEDS or len(set(seeds)) != len(seeds):
+            raise InvalidInput(f"seed_verifiers must be a list of at most {MAX_SEEDS} keys")
+        for seed in seeds:
+            _key(seed, "a seed verifier")
         return
     if action == "register":
         _fields(body, {"name"})
@@ -286,16 +342,14 @@ def _check_body(action: str, body: Any, limits: ServiceLimits) -> None:
         _positive(body["budget"], "budget", 2**40)
         _positive(body["ttl_s"], "ttl_s", 2**31)
     elif action == "evidence":
-        _fields(body, {"accused", "evidence"})
-        _key(body["accused"], "accused")
-        if len(canonical(body["evidence"])) > limits.max_evidence_bytes:
-            raise InvalidInput(f"evidence larger than {limits.max_evidence_bytes} bytes")
+        _fields(body, {"evidence"})
+        if not isinstance(body["evidence"], str):
+            raise InvalidInput("evidence is the base64 of FraudEvidence.to_bytes()")
     elif action == "slash":
         _fields(body, {"account", "reason", "evidence"})
         _key(body["account"], "account")
         _text(body["reason"], "reason", MAX_REASON)
-        if body["evidence"] is not None:
-            _key(body["evidence"], "evidence")
+        _key(body["evidence"], "evidence")
     else:
         raise InvalidInput(f"unknown action {action!r}")
 

@@ -28,6 +28,7 @@ __all__ = ["LedgerReader", "SqlTree", "entry_from_row"]
 _ENTRY_COLUMNS = (
     "seq, kind, account, amount, ref, payload, op, op_digest, author, author_signature, time"
 )
+_ACCOUNT_COLUMNS = "account, name, balance, reputation, slashed"
 
 
 class SqlTree:
@@ -48,6 +49,11 @@ class SqlTree:
         if row is None:
             raise LedgerError(f"the ledger's tree has no node at level {level}, index {index}")
         return row[0]
+
+
+def _account(row: tuple[Any, ...]) -> Account:
+    key, name, balance, reputation, slashed = row
+    return Account(key, name, balance, reputation, bool(slashed))
 
 
 def entry_from_row(row: tuple[Any, ...]) -> Entry:
@@ -175,6 +181,21 @@ class LedgerReader:
             ],
         }
 
+    def raw_entries(self, start: int, limit: int) -> list[tuple[Any, ...]]:
+        """Stored rows (``RawEntry`` and the leaf hash), payloads undecoded."""
+        return self.conn.execute(
+            f"SELECT {_ENTRY_COLUMNS}, leaf_hash FROM entries WHERE seq >= ? ORDER BY seq LIMIT ?",
+            (start, limit),
+        ).fetchall()
+
+    def raw_operations(self, first: int, last: int) -> list[tuple[Any, ...]]:
+        """Stored operations ``first .. last`` (``RawOperation``)."""
+        return self.conn.execute(
+            "SELECT op, author, nonce, timestamp, action, body, signature, time FROM operations "
+            "WHERE op BETWEEN ? AND ? ORDER BY op",
+            (first, last),
+        ).fetchall()
+
     def leaf_hashes(self, start: int, limit: int) -> list[tuple[int, bytes]]:
         """Stored ``(seq, leaf hash)`` pairs."""
         return self.conn.execute(
@@ -214,18 +235,17 @@ class LedgerReader:
 
     def account(self, key: bytes) -> Account | None:
         row = self.conn.execute(
-            "SELECT account, name, balance, reputation FROM accounts WHERE account = ?", (key,)
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE account = ?", (key,)
         ).fetchone()
-        return None if row is None else Account(*row)
+        return None if row is None else _account(row)
 
     def accounts(self, after: bytes, limit: int) -> list[Account]:
         """All accounts in key order, from the first key greater than ``after``."""
         rows = self.conn.execute(
-            "SELECT account, name, balance, reputation FROM accounts WHERE account > ? "
-            "ORDER BY account LIMIT ?",
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE account > ? ORDER BY account LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [Account(*row) for row in rows]
+        return [_account(row) for row in rows]
 
     def top(self, by: str, limit: int) -> list[Account]:
         """The leaderboard by ``balance`` or ``reputation``."""
@@ -233,11 +253,11 @@ class LedgerReader:
             raise InvalidInput("rank by balance or reputation")
         other = "reputation" if by == "balance" else "balance"
         rows = self.conn.execute(
-            f"SELECT account, name, balance, reputation FROM accounts "
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "
             f"ORDER BY {by} DESC, {other} DESC, account LIMIT ?",
             (limit,),
         ).fetchall()
-        return [Account(*row) for row in rows]
+        return [_account(row) for row in rows]
 
     def ticket(self, digest: bytes) -> tuple[Ticket, int] | None:
         """A sold ticket and the block-tokens redeemed from it."""

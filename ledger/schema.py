@@ -4,7 +4,8 @@ Tables: ``entries`` (the append-only log, one Merkle leaf per row), ``operations
 requests behind them), ``merkle`` (hashes of the log's perfect subtrees, level >= 1),
 ``checkpoints`` (every signed tree head), ``nonces`` (replay protection), and the caches of
 derived state, always rebuilt by appending entries: ``accounts`` (balance, reputation),
-``credited`` (credited rectangles of client sessions), ``earned``, ``tickets``, ``redeemed``.
+``credited`` (credited rectangles of client sessions), ``earned``, ``tickets``, ``redeemed``,
+``fees`` (recomputations a verifier was paid for), ``evidence`` (fraud evidence in the log).
 """
 
 from __future__ import annotations
@@ -57,7 +58,14 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     ),
     "nonces": ({"author": bytes, "nonce": bytes, "expires": int}, ("author", "nonce")),
     "accounts": (
-        {"account": bytes, "name": str, "balance": int, "reputation": int, "since": int},
+        {
+            "account": bytes,
+            "name": str,
+            "balance": int,
+            "reputation": int,
+            "slashed": int,
+            "since": int,
+        },
         "account",
     ),
     "credited": (
@@ -70,6 +78,8 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         "digest",
     ),
     "redeemed": ({"request": bytes, "ticket": bytes, "seq": int}, "request"),
+    "fees": ({"recomputation": bytes, "verifier": bytes, "seq": int}, "recomputation"),
+    "evidence": ({"digest": bytes, "accused": bytes, "seq": int}, "digest"),
 }
 _INDEXES = [
     ("entries", ["account", "seq"], "entries_by_account"),

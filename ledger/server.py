@@ -7,15 +7,16 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from corolla.errors import CorollaError
+from corolla.errors import CorollaError, InvalidInput
 from corolla.ledger.app import create_app
 from corolla.ledger.config import LedgerRules, ServiceLimits
+from corolla.ledger.referee import Referee, RefereeConfig
 from corolla.ledger.store import DEFAULT_ORIGIN, LedgerStore
 from corolla.verify.identity import load_identity, load_or_create_identity
 
@@ -39,13 +40,24 @@ class ServeConfig:
     workers: int = 1
     """Server processes. They check signatures in parallel and take turns writing (SQLite's
     write lock serialises the transactions), so more than one pays on a multi-core machine."""
+    referee: RefereeConfig | None = None
+    """Judge fraud evidence by recomputing it with this model (each worker loads its own)."""
+    seed_verifiers: tuple[bytes, ...] = ()
+    """Verifiers a new log trusts from its genesis (see ``LedgerRules.min_verifier_reputation``)."""
 
 
 def serve(config: ServeConfig) -> None:
     """Open (or create) the ledger and serve it until interrupted."""
     identity = load_or_create_identity(config.key)
+    referee = None if config.referee is None or config.workers > 1 else Referee(config.referee)
     store = LedgerStore(
-        config.db, identity, origin=config.origin, rules=config.rules, limits=config.limits
+        config.db,
+        identity,
+        origin=config.origin,
+        rules=config.rules,
+        limits=config.limits,
+        referee=referee,
+        seed_verifiers=config.seed_verifiers,
     )
     if config.workers > 1:
         store.close()  # the log exists now: the workers only open it
@@ -55,7 +67,8 @@ def serve(config: ServeConfig) -> None:
                 "key": str(config.key),
                 "origin": config.origin,
                 "rules": config.rules.to_dict(),
-                "max_body_bytes": config.limits.max_body_bytes,
+                "limits": asdict(config.limits),
+                "referee": None if config.referee is None else _referee_dict(config.referee),
             }
         )
         uvicorn.run(
@@ -88,18 +101,33 @@ def serve(config: ServeConfig) -> None:
 def app_from_environment() -> Any:
     """The app of one worker process of a multi-process server (configured by ``serve``)."""
     settings = json.loads(os.environ[_CONFIG_VARIABLE])
+    referee = settings["referee"]
     store = LedgerStore(
         Path(settings["db"]),
         load_identity(Path(settings["key"])),
         origin=settings["origin"],
         rules=LedgerRules.from_dict(settings["rules"]),
-        limits=ServiceLimits(max_body_bytes=settings["max_body_bytes"]),
+        limits=ServiceLimits(**settings["limits"]),
+        referee=None
+        if referee is None
+        else Referee(RefereeConfig(Path(referee["model_dir"]), referee["max_tokens"])),
     )
     return create_app(store)
 
 
+def _hex_key(text: str) -> bytes:
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise InvalidInput(f"{text!r} is not a 64-digit lowercase hex public key")
+    return bytes.fromhex(text)
+
+
+def _referee_dict(config: RefereeConfig) -> dict[str, Any]:
+    return {"model_dir": str(config.model_dir), "max_tokens": config.max_tokens}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry of ``python -m corolla.ledger.server``."""
+    defaults, limits = LedgerRules(), ServiceLimits()
     parser = argparse.ArgumentParser(prog="python -m corolla.ledger.server")
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True)
@@ -108,8 +136,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--origin", default=DEFAULT_ORIGIN)
     parser.add_argument("--credit-per-block-token", type=int, default=1)
     parser.add_argument("--ticket-price", type=int, default=1)
-    parser.add_argument("--max-body-bytes", type=int, default=ServiceLimits().max_body_bytes)
+    parser.add_argument("--verifier-fee-permille", type=int, default=defaults.verifier_fee_permille)
+    parser.add_argument(
+        "--min-verifier-reputation", type=int, default=defaults.min_verifier_reputation
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes)
+    parser.add_argument("--max-evidence-bytes", type=int, default=limits.max_evidence_body_bytes)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--referee-model", type=Path, default=None)
+    parser.add_argument("--referee-max-tokens", type=int, default=8192)
+    parser.add_argument("--seed-verifier", action="append", default=[], metavar="HEX_KEY")
     args = parser.parse_args(argv)
     try:
         config = ServeConfig(
@@ -121,9 +157,18 @@ def main(argv: list[str] | None = None) -> None:
             rules=LedgerRules(
                 credit_per_block_token=args.credit_per_block_token,
                 ticket_price_per_block_token=args.ticket_price,
+                verifier_fee_permille=args.verifier_fee_permille,
+                min_verifier_reputation=args.min_verifier_reputation,
             ),
-            limits=ServiceLimits(max_body_bytes=args.max_body_bytes),
+            limits=ServiceLimits(
+                max_body_bytes=args.max_body_bytes,
+                max_evidence_body_bytes=args.max_evidence_bytes,
+            ),
             workers=max(1, args.workers),
+            referee=None
+            if args.referee_model is None
+            else RefereeConfig(args.referee_model, args.referee_max_tokens),
+            seed_verifiers=tuple(_hex_key(text) for text in args.seed_verifier),
         )
         serve(config)
     except CorollaError as error:

@@ -14,10 +14,18 @@ from typing import Protocol
 from corolla.errors import InvalidInput
 from corolla.ledger.config import LedgerRules
 from corolla.ledger.entries import Draft
-from corolla.ledger.rules import Rect
+from corolla.ledger.rules import Rect, Standing
 from corolla.ledger.tickets import Ticket
 
-__all__ = ["Account", "LedgerState", "MemoryState", "TicketState", "effect_of"]
+__all__ = [
+    "Account",
+    "LedgerState",
+    "MemoryState",
+    "TicketState",
+    "effect_of",
+    "ensure_account",
+    "standing_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +38,14 @@ class TicketState:
 
 @dataclass(frozen=True, slots=True)
 class Account:
-    """An account's derived state."""
+    """An account's derived state. A slashed account earns nothing more and is never trusted
+    as a verifier again."""
 
     key: bytes
     name: str
     balance: int
     reputation: int
+    slashed: bool = False
 
 
 class LedgerState(Protocol):
@@ -64,6 +74,14 @@ class LedgerState(Protocol):
         """Whether the receipt of this client request was already redeemed."""
         ...
 
+    def fee_paid(self, recomputation: bytes) -> bool:
+        """Whether a verifier was already paid for the recomputation with this receipt digest."""
+        ...
+
+    def evidence(self, digest: bytes) -> int | None:
+        """The sequence number of the fraud-evidence entry with this digest, if logged."""
+        ...
+
     def sign_ticket(self, unsigned: Ticket) -> Ticket:
         """The ledger's signature on a ticket being sold."""
         ...
@@ -84,6 +102,26 @@ class Effect:
     session: tuple[bytes, bytes] | None = None
     ticket: Ticket | None = None
     redeem: tuple[bytes, int] | None = None
+    slashed: bool = False
+    fee: bytes | None = None
+    evidence: bytes | None = None
+
+
+def ensure_account(state: LedgerState, key: bytes) -> list[int]:
+    """Open an account for ``key`` if it has none (an unnamed one); the entries appended."""
+    if state.account(key) is not None:
+        return []
+    return [state.append(Draft("account_registered", key, 0, b"", {"name": ""}))]
+
+
+def standing_of(state: LedgerState) -> Standing:
+    """``key -> (slashed, reputation)`` read from ``state`` (``(False, 0)`` for a new key)."""
+
+    def standing(key: bytes) -> tuple[bool, int]:
+        account = state.account(key)
+        return (False, 0) if account is None else (account.slashed, account.reputation)
+
+    return standing
 
 
 def effect_of(draft: Draft) -> Effect:
@@ -106,9 +144,13 @@ def effect_of(draft: Draft) -> Effect:
             return Effect(balance=draft.amount, ticket=Ticket.from_value(payload["ticket"]))
         if draft.kind == "ticket_redeemed":
             return Effect(balance=draft.amount, redeem=(payload["ticket"], payload["units"]))
+        if draft.kind == "verifier_fee":
+            return Effect(balance=draft.amount, fee=draft.ref)
         if draft.kind == "slash":
-            return Effect(balance=draft.amount)
-        if draft.kind in ("genesis", "fraud_evidence"):
+            return Effect(balance=draft.amount, slashed=True)
+        if draft.kind == "fraud_evidence":
+            return Effect(evidence=draft.ref)
+        if draft.kind == "genesis":
             return Effect()
     except (KeyError, TypeError) as error:
         raise InvalidInput(f"{draft.kind} entry has a malformed payload: {error}") from None
@@ -126,6 +168,8 @@ class MemoryState:
         self.earned: set[tuple[bytes, bytes, bytes]] = set()
         self.tickets: dict[bytes, TicketState] = {}
         self.redeemed: set[bytes] = set()
+        self.fees: set[bytes] = set()
+        self.evidence_seqs: dict[bytes, int] = {}
         self.drafts: list[Draft] = []
         self.ticket_signatures: dict[bytes, bytes] = {}
 
@@ -149,6 +193,12 @@ class MemoryState:
     def is_redeemed(self, request_digest: bytes) -> bool:
         return request_digest in self.redeemed
 
+    def fee_paid(self, recomputation: bytes) -> bool:
+        return recomputation in self.fees
+
+    def evidence(self, digest: bytes) -> int | None:
+        return self.evidence_seqs.get(digest)
+
     def sign_ticket(self, unsigned: Ticket) -> Ticket:
         """The auditor cannot sign: it takes the signature the log recorded for this serial
         (set in :attr:`ticket_signatures`); the ticket's check happens in the replay."""
@@ -167,12 +217,13 @@ class MemoryState:
             self.accounts[key] = Account(key, effect.register_name, 0, 0)
         elif account is None and draft.kind != "genesis" and draft.kind != "fraud_evidence":
             raise InvalidInput("entry names an account that was never registered")
-        elif account is not None and (effect.balance or effect.reputation):
+        elif account is not None and (effect.balance or effect.reputation or effect.slashed):
             balance = account.balance + effect.balance
             reputation = account.reputation + effect.reputation
             if balance < 0 or reputation < 0:
                 raise InvalidInput("entry makes a balance or a reputation negative")
-            self.accounts[key] = Account(key, account.name, balance, reputation)
+            slashed = account.slashed or effect.slashed
+            self.accounts[key] = Account(key, account.name, balance, reputation, slashed)
         if effect.session is not None:
             client, session = effect.session
             self.coverage[(client, session)].extend(effect.pieces)
@@ -188,5 +239,13 @@ class MemoryState:
                 raise InvalidInput("entry spends a ticket beyond its budget")
             self.tickets[ticket_digest] = TicketState(state.ticket, state.spent + units)
             self.redeemed.add(draft.ref)
+        if effect.fee is not None:
+            if effect.fee in self.fees:
+                raise InvalidInput("entry pays a verifier twice for one recomputation")
+            self.fees.add(effect.fee)
+        if effect.evidence is not None:
+            if effect.evidence in self.evidence_seqs:
+                raise InvalidInput("entry logs the same fraud evidence twice")
+            self.evidence_seqs[effect.evidence] = len(self.drafts)
         self.drafts.append(draft)
         return len(self.drafts) - 1

@@ -11,13 +11,14 @@ disk whole, and a crash leaves none of a half-applied one.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from corolla.errors import LedgerError, LedgerRefused
+from corolla.ledger.canonical import encode
 from corolla.ledger.config import LedgerRules, ServiceLimits
-from corolla.ledger.entries import Draft, Entry, stored_json
+from corolla.ledger.entries import Draft, RawEntry, raw_leaf_hash, stored_json
 from corolla.ledger.envelope import Envelope, body_digest, now_ms, sign_envelope
 from corolla.ledger.operations import Outcome, Prepared, apply, prepare
 from corolla.ledger.reader import LedgerReader, SqlTree
@@ -25,6 +26,7 @@ from corolla.ledger.rules import Rect
 from corolla.ledger.schema import connect, create_schema
 from corolla.ledger.state import Account, TicketState, effect_of
 from corolla.ledger.tickets import Ticket
+from corolla.ledger.verdicts import RefereeLike
 from corolla.verify.checkpoints import Checkpoint, sign_checkpoint
 from corolla.verify.encoding import canonical, decode
 from corolla.verify.identity import Identity, peer_name_of
@@ -58,9 +60,10 @@ class SqlState:
 
     def account(self, key: bytes) -> Account | None:
         row = self._conn.execute(
-            "SELECT account, name, balance, reputation FROM accounts WHERE account = ?", (key,)
+            "SELECT account, name, balance, reputation, slashed FROM accounts WHERE account = ?",
+            (key,),
         ).fetchone()
-        return None if row is None else Account(*row)
+        return None if row is None else Account(*row[:4], bool(row[4]))
 
     def covered(self, client: bytes, session: bytes, rect: Rect) -> list[Rect]:
         b0, b1, t0, t1 = rect
@@ -93,43 +96,41 @@ class SqlState:
             is not None
         )
 
+    def fee_paid(self, recomputation: bytes) -> bool:
+        return (
+            self._conn.execute(
+                "SELECT 1 FROM fees WHERE recomputation = ?", (recomputation,)
+            ).fetchone()
+            is not None
+        )
+
+    def evidence(self, digest: bytes) -> int | None:
+        row = self._conn.execute("SELECT seq FROM evidence WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else int(row[0])
+
     def sign_ticket(self, unsigned: Ticket) -> Ticket:
         signed = self._store.identity.sign(unsigned.signing_bytes())
         return Ticket(**{**unsigned.to_value(), "signature": signed})
 
     def append(self, draft: Draft) -> int:
         seq = self.next_seq
-        entry = Entry(
-            seq=seq,
-            kind=draft.kind,
-            account=draft.account,
-            amount=draft.amount,
-            ref=draft.ref,
-            payload=draft.payload,
-            op=self._op,
-            op_digest=self._op_digest,
-            author=self._author,
-            author_signature=self._signature,
-            time=self._time,
+        entry: RawEntry = (
+            seq,
+            draft.kind,
+            draft.account,
+            draft.amount,
+            draft.ref,
+            encode(draft.payload),
+            self._op,
+            self._op_digest,
+            self._author,
+            self._signature,
+            self._time,
         )
-        leaf = entry.leaf_hash()
+        leaf = raw_leaf_hash(entry)
         conn = self._conn
         conn.execute(
-            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                seq,
-                entry.kind,
-                entry.account,
-                entry.amount,
-                entry.ref,
-                canonical(entry.payload),
-                entry.op,
-                entry.op_digest,
-                entry.author,
-                entry.author_signature,
-                entry.time,
-                leaf,
-            ),
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*entry, leaf)
         )
         right = leaf
         for level, index in completed_subtrees(seq):
@@ -144,14 +145,14 @@ class SqlState:
         conn = self._conn
         if effect.register_name is not None:
             conn.execute(
-                "INSERT INTO accounts VALUES (?, ?, 0, 0, ?)",
+                "INSERT INTO accounts VALUES (?, ?, 0, 0, 0, ?)",
                 (draft.account, effect.register_name, seq),
             )
-        elif effect.balance or effect.reputation:
+        elif effect.balance or effect.reputation or effect.slashed:
             row = conn.execute(
-                "UPDATE accounts SET balance = balance + ?, reputation = reputation + ? "
-                "WHERE account = ? RETURNING balance, reputation",
-                (effect.balance, effect.reputation, draft.account),
+                "UPDATE accounts SET balance = balance + ?, reputation = reputation + ?, "
+                "slashed = MAX(slashed, ?) WHERE account = ? RETURNING balance, reputation",
+                (effect.balance, effect.reputation, int(effect.slashed), draft.account),
             ).fetchone()
             if row is None or row[0] < 0 or row[1] < 0:
                 raise LedgerError("refusing an entry that would make a balance negative")
@@ -180,6 +181,12 @@ class SqlState:
             if row is None or row[0] > row[1]:
                 raise LedgerError("refusing an entry that would overspend a ticket")
             conn.execute("INSERT INTO redeemed VALUES (?, ?, ?)", (draft.ref, ticket_digest, seq))
+        if effect.fee is not None:
+            conn.execute("INSERT INTO fees VALUES (?, ?, ?)", (effect.fee, draft.account, seq))
+        if effect.evidence is not None:
+            conn.execute(
+                "INSERT INTO evidence VALUES (?, ?, ?)", (effect.evidence, draft.account, seq)
+            )
 
 
 class LedgerStore:
@@ -194,10 +201,14 @@ class LedgerStore:
         rules: LedgerRules | None = None,
         limits: ServiceLimits | None = None,
         clock: Callable[[], int] = now_ms,
+        referee: RefereeLike | None = None,
+        seed_verifiers: Sequence[bytes] = (),
     ) -> None:
         self.path = Path(path)
         self.identity = identity
         self.limits = limits or ServiceLimits()
+        self.referee = referee
+        """Judges fraud evidence by recomputing it, when the operator runs one."""
         self.clock = clock
         self._lock = threading.Lock()
         self._conn = connect(self.path, create=True)
@@ -208,7 +219,7 @@ class LedgerStore:
         if stored_key is None:
             self.origin = origin
             self.rules = rules or LedgerRules()
-            self._start_log()
+            self._start_log(seed_verifiers)
         else:
             if stored_key != identity.public_key:
                 raise LedgerError(
@@ -249,7 +260,7 @@ class LedgerStore:
             )
         if body_digest(data) != envelope.body_digest:
             raise LedgerRefused("the body is not the one the request's signature covers", 401)
-        prepared = prepare(envelope, body, self.limits)
+        prepared = prepare(envelope, body, self.limits, self.referee)
         return self._commit(prepared, stored_json(body), now)
 
     def _commit(
@@ -313,9 +324,14 @@ class LedgerStore:
         if self._writes % _NONCE_PRUNE_EVERY == 0:
             self._conn.execute("DELETE FROM nonces WHERE expires < ?", (now,))
 
-    def _start_log(self) -> None:
-        """Write the meta rows and the genesis entry (the rules, signed by the ledger)."""
-        body = {"origin": self.origin, "rules": self.rules.to_dict()}
+    def _start_log(self, seed_verifiers: Sequence[bytes]) -> None:
+        """Write the meta rows and the genesis entry (the rules and the seed verifiers, signed
+        by the ledger)."""
+        body = {
+            "origin": self.origin,
+            "rules": self.rules.to_dict(),
+            "seed_verifiers": [key.hex() for key in seed_verifiers],
+        }
         now = self.clock()
         envelope = sign_envelope(self.identity, "genesis", canonical(body), timestamp=now)
         meta = {"ledger_key": self.identity.public_key, "origin": self.origin.encode()}

@@ -1,32 +1,34 @@
-"""Shared helpers of the ledger tests: signed step pairs, signed requests, a live server.
+"""Shared helpers of the ledger tests: signed step pairs, attestations, reports, made-up
+fraud evidence, a live server.
 
 Owned by the ledger's tests (imported as ``ledger_fixtures``; pytest puts ``tests/`` on the
-path). The server helper starts ``python -m corolla.ledger.server`` on a free loopback port,
-waits for it with a bounded loop, and always stops it.
+path). The server helper starts ``python -m corolla.ledger.server`` on a free loopback port
+(:class:`corolla.ledger.process.LedgerProcess`), waits for it with a bounded loop, and always
+stops it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import torch
 
-from corolla.verify import GENESIS_CHAIN, Identity, make_receipt, sign_request
+from corolla.ledger.process import LedgerProcess, free_port
+from corolla.ledger.reports import Attestation, report_body
+from corolla.verify import GENESIS_CHAIN, Identity, make_receipt, sign_request, tensor_digest
+from corolla.verify.evidence import FraudEvidence, Recomputation, StepClaim
 from corolla.verify.receipts import Receipt, StepRequest
 
 __all__ = [
     "LedgerServer",
+    "attest",
+    "attested_report",
     "free_port",
+    "made_up_evidence",
     "make_pairs",
     "pair_dicts",
     "running_server",
@@ -83,76 +85,124 @@ def make_pairs(
     return pairs
 
 
+def attest(
+    client: Identity,
+    verifier: Identity,
+    pairs: list[tuple[StepRequest, Receipt]],
+    *,
+    steps: int | None = None,
+    passed: bool = True,
+    tokens: int | None = None,
+) -> Attestation:
+    """The client's attestation that ``verifier`` recomputed the first ``steps`` (default: all)
+    of the node-session in ``pairs`` (which must start at step 0) and the check ``passed``."""
+    steps = len(pairs) if steps is None else steps
+    first = pairs[0][1]
+    total = sum(receipt.tokens for _, receipt in pairs[:steps])
+    request = sign_request(
+        client,
+        protocol_version=first.protocol_version,
+        model_digest=first.model_digest,
+        span_digest=first.span_digest,
+        start=first.start,
+        end=first.end,
+        session_id=secrets.token_bytes(16),
+        step=0,
+        position=0,
+        tokens=total if tokens is None else tokens,
+        input_digest=secrets.token_bytes(32),
+    )
+    receipt = make_receipt(verifier, request, secrets.token_bytes(32), GENESIS_CHAIN)
+    return Attestation(
+        node_key=first.node_key,
+        session_id=first.session_id,
+        start=first.start,
+        end=first.end,
+        steps=steps,
+        passed=passed,
+        score="2.5e-06" if passed else "0.31",
+        request=request,
+        receipt=receipt,
+    )
+
+
+def attested_report(
+    client: Identity, node: Identity, verifier: Identity, **pairs_options: Any
+) -> dict[str, Any]:
+    """The JSON body of a report of one node-session, fully checked by ``verifier``."""
+    pairs = make_pairs(client, node, **pairs_options)
+    return report_body(pairs, [attest(client, verifier, pairs)])
+
+
+def made_up_evidence(
+    client: Identity,
+    node: Identity,
+    verifiers: list[Identity],
+    *,
+    wrong: bool = True,
+    verifiers_agree: bool = True,
+) -> FraudEvidence:
+    """Genuinely signed fraud evidence over a made-up computation (``tanh`` stands for the
+    span; no model needed): the node's claims are wrong by 10 % at its last step (or right),
+    and each verifier recomputes honestly (or, with ``verifiers_agree=False``, each with its
+    own error). For tests of the rules; the tests of judging use a real model."""
+    session, chain, position, claims = secrets.token_bytes(16), GENESIS_CHAIN, 0, []
+    generator = torch.Generator().manual_seed(len(verifiers))
+    for step, tokens in enumerate((4, 1, 1)):
+        x = torch.randn(1, tokens, 16, generator=generator)
+        y = torch.tanh(x)
+        if wrong and step == 2:
+            y = y * 1.1
+        request = sign_request(
+            client,
+            protocol_version=1,
+            model_digest=MODEL,
+            span_digest=SPAN,
+            start=0,
+            end=4,
+            session_id=session,
+            step=step,
+            position=position,
+            tokens=tokens,
+            input_digest=tensor_digest(x),
+        )
+        receipt = make_receipt(node, request, tensor_digest(y), chain)
+        claims.append(StepClaim(request, receipt, x, y))
+        chain, position = receipt.chain_digest, position + tokens
+    prefix = torch.cat([claim.input for claim in claims], dim=1)
+    recomputations = []
+    for number, verifier in enumerate(verifiers):
+        output = torch.tanh(prefix)
+        if not verifiers_agree:
+            output = output * (1 + 0.2 * (number + 1))
+        request = sign_request(
+            client,
+            protocol_version=1,
+            model_digest=MODEL,
+            span_digest=SPAN,
+            start=0,
+            end=4,
+            session_id=secrets.token_bytes(16),
+            step=0,
+            position=0,
+            tokens=prefix.shape[1],
+            input_digest=tensor_digest(prefix),
+        )
+        receipt = make_receipt(verifier, request, tensor_digest(output), GENESIS_CHAIN)
+        recomputations.append(Recomputation(request, receipt, output))
+    return FraudEvidence("fp32", tuple(claims), tuple(recomputations))
+
+
 def pair_dicts(pairs: list[tuple[StepRequest, Receipt]]) -> list[dict[str, Any]]:
     """The JSON form of pairs, as the ledger's API takes them."""
     return [{"request": r.to_dict(), "receipt": c.to_dict()} for r, c in pairs]
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LedgerServer:
-    """A ledger server process on 127.0.0.1."""
+class LedgerServer(LedgerProcess):
+    """A ledger server process on 127.0.0.1 (``corolla.ledger.process``), as the tests use it."""
 
     def __init__(self, db: Path, key: Path, *, extra: tuple[str, ...] = ()) -> None:
-        self.db = db
-        self.key = key
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = db.with_suffix(f".{self.port}.log")
-        command = [
-            sys.executable,
-            "-m",
-            "corolla.ledger.server",
-            "--db",
-            str(db),
-            "--key",
-            str(key),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *extra,
-        ]
-        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, env={**os.environ}
-        )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ledger server exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v1/info", timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"ledger server not ready after {timeout} s")
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to flush or clean up."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self._log_file.close()
-
-    def stop(self) -> None:
-        """Terminate gracefully, then kill if it does not stop."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self._log_file.close()
+        super().__init__(db, key, extra=extra)
 
 
 @contextlib.contextmanager

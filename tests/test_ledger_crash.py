@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from ledger_fixtures import LedgerServer, make_pairs, pair_dicts
+from ledger_fixtures import LedgerServer, attested_report
 
 from corolla.ledger.audit import audit
 from corolla.ledger.envelope import sign_envelope
@@ -32,15 +32,15 @@ def burst(
     target: int,
     stop: threading.Event,
 ) -> None:
-    """Submit small signed work batches until the server dies; record every 200 answer."""
-    client_id, node = Identity.generate(), Identity.generate()
+    """Submit small signed, checked reports until the server dies; record every 200 answer."""
+    client_id, node, verifier = Identity.generate(), Identity.generate(), Identity.generate()
     with httpx.Client(base_url=url, timeout=10) as http:
         while not stop.is_set():
-            body = {"pairs": pair_dicts(make_pairs(client_id, node, steps=2, prefill=3))}
+            body = attested_report(client_id, node, verifier, steps=2, prefill=3)
             data = canonical(body)
-            envelope = sign_envelope(node, "work", data)
+            envelope = sign_envelope(client_id, "report", data)
             try:
-                response = http.post("/v1/work", json=body, headers=envelope.to_headers())
+                response = http.post("/v1/reports", json=body, headers=envelope.to_headers())
             except httpx.HTTPError:
                 return  # the server was killed under us
             if response.status_code == 200:

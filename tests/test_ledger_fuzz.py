@@ -15,10 +15,11 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from ledger_fixtures import LedgerServer, running_server
+from ledger_fixtures import LedgerServer, attest, running_server
 
 from corolla.errors import CorollaError
 from corolla.ledger.envelope import sign_envelope
+from corolla.ledger.reports import report_body
 from corolla.verify import GENESIS_CHAIN, make_receipt, sign_request
 from corolla.verify.encoding import INT_MAX, canonical
 from corolla.verify.identity import Identity
@@ -26,7 +27,7 @@ from corolla.verify.receipts import MAX_BLOCK, MAX_TOKENS
 
 ACTIONS = {
     "/v1/accounts": "register",
-    "/v1/work": "work",
+    "/v1/reports": "report",
     "/v1/tickets": "buy-ticket",
     "/v1/tickets/redeem": "redeem",
     "/v1/evidence": "evidence",
@@ -128,9 +129,14 @@ def test_signed_pairs_with_extreme_values_get_an_answer_not_a_crash(
         ticket_digest=ticket,
     )
     receipt = make_receipt(node, request, secrets.token_bytes(32), GENESIS_CHAIN)
-    body = {"pairs": [{"request": request.to_dict(), "receipt": receipt.to_dict()}]}
-    for path, action in (("/v1/work", "work"), ("/v1/tickets/redeem", "redeem")):
-        headers = sign_envelope(node, action, canonical(body)).to_headers()
+    check = attest(client, Identity.generate(), [(request, receipt)])
+    reported = report_body([(request, receipt)], [check])
+    redeemed = {"pairs": [{"request": request.to_dict(), "receipt": receipt.to_dict()}]}
+    for path, action, author, body in (
+        ("/v1/reports", "report", client, reported),
+        ("/v1/tickets/redeem", "redeem", node, redeemed),
+    ):
+        headers = sign_envelope(author, action, canonical(body)).to_headers()
         response = httpx.post(ledger.url + path, json=body, headers=headers, timeout=30)
         assert response.status_code < 500, response.text
         assert response.status_code == 200 or response.json()["error"]

@@ -12,9 +12,11 @@ import pytest
 import typer
 from ledger_fixtures import (
     LedgerServer,
+    attest,
+    attested_report,
     free_port,
+    made_up_evidence,
     make_pairs,
-    pair_dicts,
     running_server,
 )
 from typer.testing import CliRunner
@@ -28,6 +30,15 @@ from corolla.ledger.sources import HttpSource
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity, load_identity
 from corolla.verify.merkle import verify_consistency, verify_inclusion
+
+
+def checked(
+    ledger: LedgerClient, client: Identity, node: Identity, **options: object
+) -> list[dict[str, object]]:
+    """``client`` reports a session of ``node``'s, checked by a fresh verifier."""
+    pairs = make_pairs(client, node, **options)  # type: ignore[arg-type]
+    with LedgerClient(ledger.client.url, client) as as_client:
+        return as_client.submit_report(pairs, [attest(client, Identity.generate(), pairs)])
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +56,10 @@ def test_earn_spend_redeem_slash_cycle_and_balances_match_the_log(server: Ledger
         LedgerClient(server.url, client_id) as as_client,
         LedgerClient(server.url, operator) as as_operator,
     ):
-        # Earn: node A serves the client (and the client serves as a node for someone else).
+        # Earn: node A serves the client (and the client serves as a node for node B), checked.
         as_a.register("node-a")
-        as_a.submit_work(make_pairs(client_id, node_a, steps=5, prefill=8))
-        as_a.submit_work(make_pairs(node_b, client_id, steps=4, prefill=6))
+        checked(as_a, client_id, node_a, steps=5, prefill=8)
+        checked(as_a, node_b, client_id, steps=4, prefill=6)
         assert as_a.balance(node_a.public_key) == 4 * 12
         assert as_a.balance(client_id.public_key) == 4 * 9
         # Spend: the client buys a ticket; node B redeems ticketed receipts.
@@ -59,17 +70,24 @@ def test_earn_spend_redeem_slash_cycle_and_balances_match_the_log(server: Ledger
         assert [p["redeemed_units"] for p in paid[0]["pairs"]] == [16, 4, 0]
         assert as_client.ticket(ticket.digest())[1] == 20
         assert as_client.balance(node_b.public_key) == 20
-        # Slash: the operator takes node A's points.
-        as_client.submit_evidence(node_a.public_key, {"claim": "wrong activations"})
-        assert as_operator.slash(node_a.public_key, "proven fraud") == 48
+        # Slash: one verifier's word is logged unjudged; the operator slashes on it.
+        evidence = made_up_evidence(client_id, node_a, [Identity.generate()])
+        verdict = as_client.submit_evidence(evidence)
+        assert (verdict.verdict, verdict.taken) == ("unjudged", 0)
+        assert as_operator.slash(node_a.public_key, "read it", verdict.evidence_digest) == 48
         account = as_a.account(node_a.public_key)
         assert account is not None and (account.balance, account.reputation) == (0, 0)
+        assert account.slashed
         # Balances match the log: each account's history sums to its balance...
         for key in (node_a.public_key, node_b.public_key, client_id.public_key):
             history = as_a.history(key, limit=1000)
             assert sum(e.amount for e in history if e.kind != "reputation_changed") == (
                 as_a.balance(key)
             )
+        assert [e.kind for e in as_a.history(node_a.public_key, limit=2)] == [
+            "reputation_changed",
+            "slash",
+        ]
     # ...and the auditor recomputes every balance from the log alone.
     source = HttpSource(server.url)
     try:
@@ -80,15 +98,22 @@ def test_earn_spend_redeem_slash_cycle_and_balances_match_the_log(server: Ledger
     assert report.kinds["slash"] >= 1 and report.kinds["ticket_redeemed"] >= 2
 
 
-def test_a_double_submission_over_http_credits_once(server: LedgerServer) -> None:
-    client_id, node = Identity.generate(), Identity.generate()
+def test_a_double_report_over_http_credits_once(server: LedgerServer) -> None:
+    client_id, node, verifier = Identity.generate(), Identity.generate(), Identity.generate()
     pairs = make_pairs(client_id, node, steps=3)
-    with LedgerClient(server.url, node) as ledger:
-        first = ledger.submit_work(pairs)[0]
-        second = ledger.submit_work(pairs)[0]
+    checks = [attest(client_id, verifier, pairs)]
+    with LedgerClient(server.url, client_id) as ledger:
+        first = ledger.submit_report(pairs, checks)[0]
+        second = ledger.submit_report(pairs, checks)[0]
         assert sum(p["credited_units"] for p in first["pairs"]) == 28
         assert sum(p["credited_units"] for p in second["pairs"]) == 0
         assert ledger.balance(node.public_key) == 28
+        assert ledger.balance(verifier.public_key) == 2
+
+
+def test_the_old_work_endpoint_is_gone_and_says_where_work_goes(server: LedgerServer) -> None:
+    response = httpx.post(server.url + "/v1/work", json={"pairs": []})
+    assert response.status_code == 410 and "/v1/reports" in response.json()["error"]
 
 
 def signed_post(
@@ -100,25 +125,25 @@ def signed_post(
 
 
 def test_forged_replayed_expired_and_unsigned_requests_are_refused(server: LedgerServer) -> None:
-    node = Identity.generate()
-    body = {"pairs": pair_dicts(make_pairs(Identity.generate(), node, steps=2))}
+    client_id = Identity.generate()
+    body = attested_report(client_id, Identity.generate(), Identity.generate(), steps=2)
     data = canonical(body)
-    envelope = sign_envelope(node, "work", data)
+    envelope = sign_envelope(client_id, "report", data)
     headers = envelope.to_headers()
     forged = {
         **headers,
-        "X-Corolla-Signature": sign_envelope(node, "register", data).signature.hex(),
+        "X-Corolla-Signature": sign_envelope(client_id, "register", data).signature.hex(),
     }
-    response = httpx.post(server.url + "/v1/work", json=body, headers=forged)
+    response = httpx.post(server.url + "/v1/reports", json=body, headers=forged)
     assert response.status_code == 401 and "does not verify" in response.json()["error"]
-    assert httpx.post(server.url + "/v1/work", json=body, headers=headers).status_code == 200
-    replay = httpx.post(server.url + "/v1/work", json=body, headers=headers)
+    assert httpx.post(server.url + "/v1/reports", json=body, headers=headers).status_code == 200
+    replay = httpx.post(server.url + "/v1/reports", json=body, headers=headers)
     assert replay.status_code == 409 and "replayed" in replay.json()["error"]
     expired = signed_post(
-        server, node, "/v1/work", "work", body, timestamp=envelope.timestamp - 600_000
+        server, client_id, "/v1/reports", "report", body, timestamp=envelope.timestamp - 600_000
     )
     assert expired.status_code == 401 and "clock" in expired.json()["error"]
-    unsigned = httpx.post(server.url + "/v1/work", json=body)
+    unsigned = httpx.post(server.url + "/v1/reports", json=body)
     assert unsigned.status_code == 401 and "missing" in unsigned.json()["error"]
     # A body signed for one action cannot be replayed to another endpoint.
     moved = httpx.post(server.url + "/v1/tickets/redeem", json=body, headers=headers)
@@ -127,12 +152,19 @@ def test_forged_replayed_expired_and_unsigned_requests_are_refused(server: Ledge
 
 def test_oversized_bodies_big_pages_and_malformed_input_get_clear_4xx(server: LedgerServer) -> None:
     node = Identity.generate()
-    big = httpx.post(server.url + "/v1/work", content=b" " * (5 * 1024 * 1024))
+    big = httpx.post(server.url + "/v1/reports", content=b" " * (5 * 1024 * 1024))
     assert big.status_code == 413 and "larger than" in big.json()["error"]
+    # Fraud evidence carries tensors: its endpoint takes more, up to its own limit.
+    evidence = httpx.post(server.url + "/v1/evidence", content=b" " * (5 * 1024 * 1024))
+    assert evidence.status_code != 413 and evidence.json()["error"]
+    huge = httpx.post(server.url + "/v1/evidence", content=b" " * (33 * 1024 * 1024))
+    assert huge.status_code == 413 and "larger than" in huge.json()["error"]
     page = httpx.get(server.url + "/v1/entries", params={"limit": 100_000})
     assert page.status_code == 422 and "limit" in page.json()["error"]
     garbage = httpx.post(
-        server.url + "/v1/work", content=b"{not json", headers={"content-type": "application/json"}
+        server.url + "/v1/reports",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
     )
     assert garbage.status_code in (400, 422) and garbage.json()["error"]
     headers = sign_envelope(node, "buy-ticket", canonical({"budget": 1, "ttl_s": 60})).to_headers()
@@ -149,9 +181,9 @@ def test_oversized_bodies_big_pages_and_malformed_input_get_clear_4xx(server: Le
 def test_proofs_from_the_server_verify_against_its_signed_checkpoint(server: LedgerServer) -> None:
     node = Identity.generate()
     with LedgerClient(server.url, node) as ledger:
-        ledger.submit_work(make_pairs(Identity.generate(), node, steps=2))
+        checked(ledger, Identity.generate(), node, steps=2)
         old = ledger.checkpoint()
-        ledger.submit_work(make_pairs(Identity.generate(), node, steps=2))
+        checked(ledger, Identity.generate(), node, steps=2)
         new = ledger.checkpoint(ledger_key=old.ledger_key)
         assert new.tree_size > old.tree_size
         proof = ledger.consistency_proof(old.tree_size, new.tree_size)
@@ -167,7 +199,7 @@ def test_the_openapi_document_is_served_at_docs(server: LedgerServer) -> None:
     assert httpx.get(server.url + "/docs").status_code == 200
     paths = httpx.get(server.url + "/openapi.json").json()["paths"]
     for path in (
-        "/v1/work",
+        "/v1/reports",
         "/v1/tickets",
         "/v1/tickets/redeem",
         "/v1/evidence",
@@ -201,7 +233,7 @@ def test_the_client_raises_ledger_refused_with_the_servers_reason(server: Ledger
 def test_balance_history_and_top_commands_print_json(server: LedgerServer, tmp_path: Path) -> None:
     node = Identity.generate()
     with LedgerClient(server.url, node) as ledger:
-        ledger.submit_work(make_pairs(Identity.generate(), node, steps=2, prefill=50))
+        checked(ledger, Identity.generate(), node, steps=2, prefill=50)
     app = typer.Typer()
     register(app)
     runner = CliRunner()
@@ -210,12 +242,14 @@ def test_balance_history_and_top_commands_print_json(server: LedgerServer, tmp_p
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["balance"] == 4 * 51
     result = runner.invoke(app, ["ledger", "history", key, "--url", server.url, "--json"])
-    assert [e["kind"] for e in json.loads(result.output)] == [
+    history = json.loads(result.output)
+    assert [e["kind"] for e in history] == [
         "work_credited",
         "reputation_changed",
         "work_credited",
         "account_registered",
     ]
+    assert "checked by attestation 0" in history[0]["detail"]
     result = runner.invoke(app, ["ledger", "top", "--url", server.url, "--json", "--limit", "3"])
     assert json.loads(result.output)[0]["account"] == key
     result = runner.invoke(app, ["ledger", "top", "--url", server.url])
@@ -234,13 +268,14 @@ def test_the_ledger_command_group_offers_serve_audit_and_the_readers() -> None:
 
 
 def test_two_server_processes_share_one_log_without_double_credit(tmp_path: Path) -> None:
-    node = Identity.generate()
-    pairs = make_pairs(Identity.generate(), node, steps=4)
+    client_id, node = Identity.generate(), Identity.generate()
+    pairs = make_pairs(client_id, node, steps=4)
+    checks = [attest(client_id, Identity.generate(), pairs)]
     results: list[int] = []
 
     def submit() -> None:
-        with LedgerClient(server.url, Identity.generate()) as ledger:
-            answer = ledger.submit_work(pairs)[0]
+        with LedgerClient(server.url, client_id) as ledger:
+            answer = ledger.submit_report(pairs, checks)[0]
             results.append(sum(p["credited_units"] for p in answer["pairs"]))
 
     with running_server(

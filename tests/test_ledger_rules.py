@@ -1,5 +1,7 @@
-"""The accounting rules, in process on a real SQLite file: credit, no double credit, tickets,
-slashing, reputation, replay protection; and the auditor agrees with the ledger after each."""
+"""The accounting rules, in process on a real SQLite file: credit for checked work, no double
+credit, tickets, slashing, reputation, replay protection; and the auditor agrees with the
+ledger after each. (Attestations in detail: test_ledger_attested.py; evidence:
+test_ledger_evidence.py.)"""
 
 from __future__ import annotations
 
@@ -12,24 +14,28 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ledger_fixtures import make_pairs, pair_dicts, seed_identity
+from ledger_fixtures import attest, made_up_evidence, make_pairs, pair_dicts, seed_identity
 
 from corolla.errors import BadReceipt, BadSignature, LedgerRefused
 from corolla.ledger.audit import audit
 from corolla.ledger.config import LedgerRules
+from corolla.ledger.entries import b64encode
 from corolla.ledger.envelope import sign_envelope
-from corolla.ledger.rules import area, creditable_work, uncovered
+from corolla.ledger.reports import Attestation, report_body
+from corolla.ledger.rules import SignedPair, area, uncovered, verify_pairs
 from corolla.ledger.sources import DbSource
 from corolla.ledger.store import LedgerStore
 from corolla.ledger.tickets import Ticket
 from corolla.verify import make_receipt
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
+from corolla.verify.receipts import Receipt, StepRequest
 
 LEDGER = seed_identity("ledger")
 CLIENT = seed_identity("client")
 NODE_A = seed_identity("node-a")
 NODE_B = seed_identity("node-b")
+VERIFIER = seed_identity("verifier")
 
 
 class Clock:
@@ -62,6 +68,10 @@ def balance(store: LedgerStore, key: bytes) -> int:
     return 0 if account is None else account.balance
 
 
+def signed(pairs: list[tuple[StepRequest, Receipt]]) -> list[SignedPair]:
+    return [(r, r.signing_bytes(), c, c.signing_bytes()) for r, c in pairs]
+
+
 def audited(path: Path) -> None:
     source = DbSource(path)
     try:
@@ -70,34 +80,47 @@ def audited(path: Path) -> None:
         source.close()
 
 
-def test_verified_work_is_credited_per_block_token(store: LedgerStore) -> None:
+def report(
+    store: LedgerStore,
+    client: Identity,
+    pairs: list[tuple[StepRequest, Receipt]],
+    attestations: list[Attestation],
+) -> dict[str, Any]:
+    return submit(store, client, "report", report_body(pairs, attestations))
+
+
+def checked(store: LedgerStore, client: Identity, node: Identity, **options: Any) -> dict[str, Any]:
+    """Report one node-session, fully checked by VERIFIER."""
+    pairs = make_pairs(client, node, **options)
+    return report(store, client, pairs, [attest(client, VERIFIER, pairs)])
+
+
+def test_checked_work_is_credited_per_block_token(store: LedgerStore) -> None:
     pairs = make_pairs(CLIENT, NODE_A, steps=4, start=2, end=6, prefill=5)
-    result = submit(store, NODE_A, "work", {"pairs": pair_dicts(pairs)})
+    result = report(store, CLIENT, pairs, [attest(CLIENT, VERIFIER, pairs)])
     assert [p["credited_units"] for p in result["pairs"]] == [20, 4, 4, 4]
     assert balance(store, NODE_A.public_key) == 32
+    assert result["attestations"] == [{"attestation": 0, "counted": True, "fee": 3}]
     audited(store.path)
 
 
-def test_a_double_submission_of_the_same_receipts_credits_once(store: LedgerStore) -> None:
-    body = {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, steps=3))}
-    submit(store, NODE_A, "work", body)
-    again = submit(store, CLIENT, "work", body)
+def test_a_double_report_of_the_same_receipts_credits_once(store: LedgerStore) -> None:
+    pairs = make_pairs(CLIENT, NODE_A, steps=3)
+    checks = [attest(CLIENT, VERIFIER, pairs)]
+    report(store, CLIENT, pairs, checks)
+    again = report(store, CLIENT, pairs, checks)
     assert again["entries"] == []
     assert balance(store, NODE_A.public_key) == 4 * 7
+    assert balance(store, VERIFIER.public_key) == 2
     audited(store.path)
 
 
 def test_a_failover_replay_earns_only_the_blocks_and_tokens_it_adds(store: LedgerStore) -> None:
     session = bytes(range(16))
-    submit(
-        store,
-        NODE_A,
-        "work",
-        {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, session=session, steps=3, start=0, end=4))},
-    )
+    checked(store, CLIENT, NODE_A, session=session, steps=3, start=0, end=4)
     # Node B replaces A and replays the same positions over a wider span, then goes on.
     replay = make_pairs(CLIENT, NODE_B, session=session, steps=4, start=0, end=6)
-    result = submit(store, NODE_B, "work", {"pairs": pair_dicts(replay)})
+    result = report(store, CLIENT, replay, [attest(CLIENT, VERIFIER, replay)])
     assert [p["credited_units"] for p in result["pairs"]] == [2 * 5, 2 * 1, 2 * 1, 6 * 1]
     assert balance(store, NODE_A.public_key) == 4 * 7
     assert balance(store, NODE_B.public_key) == 20
@@ -107,13 +130,20 @@ def test_a_failover_replay_earns_only_the_blocks_and_tokens_it_adds(store: Ledge
 def test_a_forged_or_unbound_pair_is_refused_and_nothing_is_credited(store: LedgerStore) -> None:
     pairs = make_pairs(CLIENT, NODE_A, steps=3)
     request, receipt = pairs[1]
-    forged = [pairs[0], (dataclasses.replace(request, tokens=9), receipt), pairs[2]]
+    forged = [pairs[0], (request, dataclasses.replace(receipt, tokens=9)), pairs[2]]
     with pytest.raises(BadSignature, match="pair 1"):
-        submit(store, NODE_A, "work", {"pairs": pair_dicts(forged)})
+        report(store, CLIENT, forged, [attest(CLIENT, VERIFIER, pairs)])
     other = make_pairs(CLIENT, NODE_A, steps=1)[0][0]
     unbound = [(other, make_receipt(NODE_A, request, receipt.output_digest, bytes(32)))]
     with pytest.raises(BadReceipt, match="pair 0"):
-        submit(store, NODE_A, "work", {"pairs": pair_dicts(unbound)})
+        report(store, CLIENT, unbound, [])
+    assert store._reader.size() == 1
+
+
+def test_a_report_must_come_from_the_client_of_every_pair(store: LedgerStore) -> None:
+    pairs = make_pairs(CLIENT, NODE_A, steps=2)
+    with pytest.raises(BadReceipt, match="pair 0: the request is client"):
+        report(store, NODE_A, pairs, [attest(CLIENT, VERIFIER, pairs)])
     assert store._reader.size() == 1
 
 
@@ -122,15 +152,20 @@ def test_consecutive_steps_must_extend_the_chain_digest() -> None:
     request, _ = pairs[2]
     off_chain = make_receipt(NODE_A, request, bytes(32), bytes(32))
     with pytest.raises(BadReceipt, match=r"pair 2: .*chain"):
-        creditable_work([pairs[0], pairs[1], (request, off_chain)])
+        verify_pairs(signed([pairs[0], pairs[1], (request, off_chain)]), reporter=None)
     # Alone, the same receipt has no previous step to chain from, and verifies.
-    assert creditable_work([(request, off_chain)])[0].units == 4
+    assert verify_pairs(signed([(request, off_chain)]), reporter=None)[0].units == 4
+    # A first step must start the chain.
+    first = pairs[0][0]
+    unchained = make_receipt(NODE_A, first, bytes(32), b"\x01" * 32)
+    with pytest.raises(BadReceipt, match="chain"):
+        verify_pairs(signed([(first, unchained)]), reporter=None)
 
 
 def test_tickets_are_bought_with_points_and_never_redeemed_beyond_budget(
     store: LedgerStore,
 ) -> None:
-    submit(store, NODE_A, "work", {"pairs": pair_dicts(make_pairs(NODE_B, CLIENT, steps=6))})
+    checked(store, NODE_B, CLIENT, steps=6)
     assert balance(store, CLIENT.public_key) == 4 * 10
     bought = submit(store, CLIENT, "buy-ticket", {"budget": 12, "ttl_s": 60})
     ticket = Ticket.from_dict(bought["ticket"])
@@ -148,7 +183,7 @@ def test_tickets_are_bought_with_points_and_never_redeemed_beyond_budget(
 
 
 def test_expired_and_foreign_tickets_are_not_redeemed(store: LedgerStore, clock: Clock) -> None:
-    submit(store, NODE_A, "work", {"pairs": pair_dicts(make_pairs(NODE_B, CLIENT, steps=2))})
+    checked(store, NODE_B, CLIENT, steps=2)
     ticket = Ticket.from_dict(
         submit(store, CLIENT, "buy-ticket", {"budget": 8, "ttl_s": 1})["ticket"]
     )
@@ -162,41 +197,54 @@ def test_expired_and_foreign_tickets_are_not_redeemed(store: LedgerStore, clock:
     audited(store.path)
 
 
-def test_slashing_takes_the_balance_and_zeroes_reputation_and_is_operator_only(
+def test_slashing_takes_the_balance_zeroes_reputation_and_is_operator_only(
     store: LedgerStore,
 ) -> None:
     for _ in range(3):
-        submit(store, NODE_A, "work", {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, steps=2))})
+        checked(store, CLIENT, NODE_A, steps=2)
     account = store._reader.account(NODE_A.public_key)
     assert account is not None and account.reputation == 3 and account.balance == 3 * 24
-    evidence = submit(
+    # One verifier alone convicts nobody: the evidence is logged unjudged.
+    logged = submit(
         store,
         CLIENT,
         "evidence",
-        {"accused": NODE_A.public_key.hex(), "evidence": {"steps": [1, 2]}},
+        {"evidence": b64encode(made_up_evidence(CLIENT, NODE_A, [VERIFIER]).to_bytes())},
     )
+    assert logged["verdict"] == "unjudged" and logged["taken"] == 0
     body = {
         "account": NODE_A.public_key.hex(),
-        "reason": "fraud",
-        "evidence": evidence["evidence_ref"],
+        "reason": "the operator read the evidence",
+        "evidence": logged["evidence_digest"],
     }
     with pytest.raises(LedgerRefused, match="operator"):
         submit(store, CLIENT, "slash", body)
+    with pytest.raises(LedgerRefused, match="fraud evidence in the log"):
+        submit(store, LEDGER, "slash", {**body, "evidence": "ab" * 32})
     assert submit(store, LEDGER, "slash", body)["taken"] == 72
     account = store._reader.account(NODE_A.public_key)
     assert account is not None and (account.balance, account.reputation) == (0, 0)
+    assert account.slashed
+    with pytest.raises(LedgerRefused, match="already slashed"):
+        submit(store, LEDGER, "slash", body)
+    # A slashed node earns nothing more.
+    after = checked(store, CLIENT, NODE_A, steps=2)
+    assert {p["reason"] for p in after["pairs"]} == {"the node was slashed"}
+    assert balance(store, NODE_A.public_key) == 0
     audited(store.path)
 
 
 def test_reputation_is_slow_to_earn_and_capped(tmp_path: Path, clock: Clock) -> None:
     store = LedgerStore(tmp_path / "l.db", LEDGER, clock=clock, rules=LedgerRules(reputation_cap=2))
-    session = bytes(16)
-    for first_step in (0, 2, 4):  # one session, three submissions: +1 only once
-        pairs = make_pairs(CLIENT, NODE_A, session=session, steps=2, first_step=first_step)
-        submit(store, NODE_A, "work", {"pairs": pair_dicts(pairs)})
+    pairs = make_pairs(CLIENT, NODE_A, steps=6)
+    earned = []
+    for steps in (2, 4, 6):  # one session checked and reported three times: +1 only once
+        result = report(store, CLIENT, pairs[:steps], [attest(CLIENT, VERIFIER, pairs[:steps])])
+        earned.append(sum(p["credited_units"] for p in result["pairs"]))
+    assert earned == [24, 8, 8]
     assert store._reader.account(NODE_A.public_key).reputation == 1  # type: ignore[union-attr]
     for _ in range(3):
-        submit(store, NODE_A, "work", {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, steps=1))})
+        checked(store, CLIENT, NODE_A, steps=1)
     assert store._reader.account(NODE_A.public_key).reputation == 2  # type: ignore[union-attr]
     store.close()
     audited(tmp_path / "l.db")
@@ -219,13 +267,14 @@ def test_replayed_and_stale_requests_are_refused(store: LedgerStore, clock: Cloc
         store.submit(other, {"name": "mallory"})
 
 
-def test_concurrent_submissions_of_the_same_work_credit_it_once(store: LedgerStore) -> None:
+def test_concurrent_reports_of_the_same_work_credit_it_once(store: LedgerStore) -> None:
     pairs = make_pairs(CLIENT, NODE_A, steps=5)
+    checks = [attest(CLIENT, VERIFIER, pairs)]
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
-            submit(store, NODE_B, "work", {"pairs": pair_dicts(pairs)})
+            report(store, CLIENT, pairs, checks)
         except BaseException as error:
             errors.append(error)
 
@@ -236,6 +285,7 @@ def test_concurrent_submissions_of_the_same_work_credit_it_once(store: LedgerSto
         thread.join(timeout=60)
     assert errors == []
     assert balance(store, NODE_A.public_key) == 4 * 9
+    assert balance(store, VERIFIER.public_key) == 4 * 9 // 10
     audited(store.path)
 
 
@@ -262,6 +312,7 @@ def test_uncovered_pieces_are_exactly_the_cells_no_earlier_credit_covered(
 
 def test_verified_steps_carry_the_official_request_and_receipt_digests() -> None:
     pairs = make_pairs(CLIENT, NODE_A, steps=3)
-    for step, (request, receipt) in zip(creditable_work(pairs), pairs, strict=True):
+    steps = verify_pairs(signed(pairs), reporter=CLIENT.public_key)
+    for step, (request, receipt) in zip(steps, pairs, strict=True):
         assert step.request_digest == request.digest() == receipt.request_digest
         assert step.receipt_digest == receipt.digest()

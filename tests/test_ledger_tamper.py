@@ -11,11 +11,20 @@ from typing import Any
 
 import pytest
 import typer
-from ledger_fixtures import make_pairs, pair_dicts, running_server, seed_identity
+from ledger_fixtures import (
+    attest,
+    attested_report,
+    made_up_evidence,
+    make_pairs,
+    pair_dicts,
+    running_server,
+    seed_identity,
+)
 from typer.testing import CliRunner, Result
 
 from corolla.ledger.cli import register
 from corolla.ledger.client import LedgerClient
+from corolla.ledger.entries import b64encode
 from corolla.ledger.envelope import sign_envelope
 from corolla.ledger.reader import LedgerReader
 from corolla.ledger.store import LedgerStore
@@ -27,6 +36,7 @@ LEDGER = seed_identity("ledger")
 CLIENT = seed_identity("client")
 NODE_A = seed_identity("node-a")
 NODE_B = seed_identity("node-b")
+VERIFIER = seed_identity("verifier")
 
 
 def build_ledger(path: Path) -> None:
@@ -39,16 +49,22 @@ def build_ledger(path: Path) -> None:
 
     try:
         submit(NODE_A, "register", {"name": "node-a"})
-        submit(NODE_A, "work", {"pairs": pair_dicts(make_pairs(CLIENT, NODE_A, steps=3))})
-        submit(NODE_B, "work", {"pairs": pair_dicts(make_pairs(NODE_A, CLIENT, steps=4))})
+        submit(CLIENT, "report", attested_report(CLIENT, NODE_A, VERIFIER, steps=3))
+        submit(NODE_A, "report", attested_report(NODE_A, CLIENT, VERIFIER, steps=4))
         bought = submit(CLIENT, "buy-ticket", {"budget": 8, "ttl_s": 600})
         ticket = Ticket.from_dict(bought["ticket"]).digest()
         ticketed = make_pairs(CLIENT, NODE_B, steps=2, prefill=4, ticket=ticket)
         submit(NODE_B, "redeem", {"pairs": pair_dicts(ticketed)})
-        submit(CLIENT, "evidence", {"accused": NODE_B.public_key.hex(), "evidence": {"x": 1}})
-        submit(
-            LEDGER, "slash", {"account": NODE_B.public_key.hex(), "reason": "r", "evidence": None}
-        )
+        evidence = made_up_evidence(CLIENT, NODE_B, [VERIFIER, NODE_A])
+        submit(CLIENT, "evidence", {"evidence": b64encode(evidence.to_bytes())})
+        unjudged = made_up_evidence(NODE_A, CLIENT, [VERIFIER])
+        logged = submit(NODE_A, "evidence", {"evidence": b64encode(unjudged.to_bytes())})
+        body = {
+            "account": CLIENT.public_key.hex(),
+            "reason": "r",
+            "evidence": logged["evidence_digest"],
+        }
+        submit(LEDGER, "slash", body)
     finally:
         store.close()
 
@@ -150,21 +166,33 @@ def test_a_consistent_forgery_of_amount_and_leaf_hash_is_found_by_the_root_searc
     conn.close()
     result = run_audit("--db", str(db))
     assert result.exit_code == 1
-    assert f"entry {seq}: the log's entries do not hash to the signed checkpoint" in result.output
+    # A leaf and its sibling are committed only together (by their parent's hash, which the
+    # forger could not change): the search names one of the two.
+    named = [
+        f"entry {n}: the log's entries do not hash to the signed checkpoint" for n in (seq, seq ^ 1)
+    ]
+    assert any(message in result.output for message in named), result.output
 
 
-def test_editing_a_receipt_inside_the_stored_evidence_fails_the_audit(db: Path) -> None:
-    seq = kind_of(db, "work_credited")
+def edit_operation_behind(db: Path, kind: str, marker: bytes) -> int:
+    """Change one base64 character of the stored operation behind the first ``kind`` entry,
+    in the record after ``marker``; returns that operation's first entry."""
+    seq = kind_of(db, kind)
     with sqlite3.connect(db) as conn:
         op, body = conn.execute(
             "SELECT o.op, o.body FROM operations o JOIN entries e ON e.op = o.op WHERE e.seq = ?",
             (seq,),
         ).fetchone()
         first = conn.execute("SELECT MIN(seq) FROM entries WHERE op = ?", (op,)).fetchone()[0]
-    position = body.index(b'"signature":"') + len(b'"signature":"') + 10
-    digit = b"1" if body[position : position + 1] == b"0" else b"0"
-    edited = body[:position] + digit + body[position + 1 :]
+    position = body.index(marker) + len(marker) + 40
+    letter = b"B" if body[position : position + 1] == b"A" else b"A"
+    edited = body[:position] + letter + body[position + 1 :]
     tamper(db, ("UPDATE operations SET body = ? WHERE op = ?", (edited, op)))
+    return first
+
+
+def test_editing_a_receipt_inside_a_stored_report_fails_the_audit(db: Path) -> None:
+    first = edit_operation_behind(db, "work_credited", b'"receipt":"')
     result = run_audit("--db", str(db))
     assert result.exit_code == 1
     assert f"entry {first}: it does not match the signed operation behind it" in result.output
@@ -183,14 +211,19 @@ def test_a_ledger_that_rewrites_history_between_two_audits_is_caught(tmp_path: P
     db, key, state = tmp_path / "ledger.db", tmp_path / "ledger.key", tmp_path / "audit.json"
     save_identity(LEDGER, key)
     node = Identity.generate()
-    with running_server(db, key) as server, LedgerClient(server.url, node) as ledger:
-        ledger.submit_work(make_pairs(CLIENT, node, steps=2))
+
+    def checked(ledger: LedgerClient, steps: int) -> None:
+        pairs = make_pairs(CLIENT, node, steps=steps)
+        ledger.submit_report(pairs, [attest(CLIENT, VERIFIER, pairs)])
+
+    with running_server(db, key) as server, LedgerClient(server.url, CLIENT) as ledger:
+        checked(ledger, 2)
         shutil.copy(db, tmp_path / "before.db")  # a consistent snapshot (WAL checkpointed)
         for path in ("-wal", "-shm"):
             source = Path(str(db) + path)
             if source.exists():
                 shutil.copy(source, tmp_path / f"before.db{path}")
-        ledger.submit_work(make_pairs(CLIENT, node, steps=3))
+        checked(ledger, 3)
         first = run_audit("--url", server.url, "--state", str(state))
         assert first.exit_code == 0, first.output
     # The operator forks the log from the earlier snapshot and writes another future.
@@ -198,9 +231,9 @@ def test_a_ledger_that_rewrites_history_between_two_audits_is_caught(tmp_path: P
         Path(str(db) + suffix).unlink(missing_ok=True)
         if Path(str(tmp_path / "before.db") + suffix).exists():
             shutil.copy(str(tmp_path / "before.db") + suffix, str(db) + suffix)
-    with running_server(db, key) as server, LedgerClient(server.url, node) as ledger:
+    with running_server(db, key) as server, LedgerClient(server.url, CLIENT) as ledger:
         for _ in range(3):
-            ledger.submit_work(make_pairs(CLIENT, node, steps=3))
+            checked(ledger, 3)
         again = run_audit("--url", server.url, "--state", str(state))
         fresh = run_audit("--url", server.url)
     assert again.exit_code == 1

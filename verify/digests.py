@@ -12,11 +12,13 @@ little-endian, so digests agree across machines.
 from __future__ import annotations
 
 import hashlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from corolla.errors import InvalidInput
 from corolla.verify.encoding import DOMAIN_PREFIX, canonical, domain_digest
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DIGEST_SIZE", "GENESIS_CHAIN", "chain_digest", "check_digest", "tensor_digest"]
 
@@ -33,6 +35,8 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     Works for every dense dtype, bfloat16 and bool included; raises :class:`InvalidInput` for
     anything that is not a dense tensor with materialised values.
     """
+    import torch  # lazily: the ledger uses this module without ever touching a tensor
+
     if not isinstance(tensor, torch.Tensor):
         raise InvalidInput(f"can only digest a torch.Tensor, not {type(tensor).__name__}")
     if tensor.layout is not torch.strided or tensor.is_quantized or tensor.is_meta:

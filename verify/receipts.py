@@ -26,9 +26,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from corolla.errors import BadReceipt, BadSignature, InvalidInput
 from corolla.verify.digests import DIGEST_SIZE, chain_digest, tensor_digest
@@ -40,6 +38,9 @@ from corolla.verify.identity import (
     peer_name_of,
     verify_signature,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MAX_BLOCK",
