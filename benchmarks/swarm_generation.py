@@ -75,7 +75,10 @@ def swarm_figures(
             config = ClientConfig(
                 initial_peers=tuple(swarm.initial_peers), identity=workdir / "client.key"
             )
-            with DistributedModelForCausalLM.from_pretrained(model_dir, config=config) as model:
+            # Spot-checks off: this measures transport and signatures (see spot_check_overhead.py).
+            with DistributedModelForCausalLM.from_pretrained(
+                model_dir, config=config, checks=None
+            ) as model:
                 return measure(model.head, model.backbone, args.tokens, args.repeats)
     finally:
         if previous is None:
@@ -94,7 +97,9 @@ def failover_stall(model_dir: Path, workdir: Path, tokens: int) -> tuple[float, 
         config = ClientConfig(
             initial_peers=tuple(swarm.initial_peers), identity=workdir / "client.key"
         )
-        with DistributedModelForCausalLM.from_pretrained(model_dir, config=config) as model:
+        with DistributedModelForCausalLM.from_pretrained(
+            model_dir, config=config, checks=None
+        ) as model:
             head = model.head
             input_ids = head.tokenizer("Failover", return_tensors="pt").input_ids
             gen = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False)

@@ -88,10 +88,10 @@ class TicketWallet:
 
     def ticket_for(self, config: PriorityConfig, client_key: bytes) -> WalletTicket:
         """An unexpired ticket of this client with budget left, else a newly bought one."""
-        now = int(time.time())
+        now_ms = int(time.time() * 1000)  # ticket expiries are unix milliseconds
         kept = []
         for ticket in self._saved():
-            if ticket.client_key != client_key or ticket.expiry <= now + 60:
+            if ticket.client_key != client_key or ticket.expiry <= now_ms + 60_000:
                 continue
             kept.append(ticket)
             try:

@@ -10,6 +10,8 @@
 - ``records``       signed DHT server records: build, validate, announce, fetch
 - ``sessions``      per-session KV caches within a token budget, idempotent steps
 - ``scheduler``     the priority queue every computation goes through
+- ``tickets``       the ticket book: which priority tickets are honoured, their use, work to redeem
+- ``settlement``    redeeming ticketed work at the ledger, every period and at shutdown
 - ``behaviour``     the seam an adversary replaces (honest by default)
 - ``service``       the RPC servicer: inference streams, one-shot forwards, info
 - ``server``        the ``corolla node run`` process: DHT, announcements, clean withdrawal

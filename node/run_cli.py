@@ -14,9 +14,11 @@ import typer
 
 from corolla.errors import InvalidInput
 from corolla.node.checkpoint import parse_span
+from corolla.node.scheduler import SchedulerConfig
 from corolla.node.server import DEFAULT_IDENTITY, NodeConfig, run_node
 from corolla.node.service import ServiceConfig
 from corolla.node.sessions import SessionConfig
+from corolla.node.tickets import TicketConfig, parse_ledger_key
 from corolla.node.wire import WireLimits
 
 __all__ = [
@@ -25,8 +27,11 @@ __all__ = [
     "IdentityOption",
     "IdleTimeoutOption",
     "InitialPeersOption",
+    "LedgerKeyOption",
     "LedgerOption",
     "MaxCacheTokensOption",
+    "MaxFreeQueueOption",
+    "MaxQueueOption",
     "MaxRequestBytesOption",
     "ModelOption",
     "NumBlocksOption",
@@ -79,12 +84,33 @@ MaxRequestBytesOption = Annotated[
 LedgerOption = Annotated[
     str | None,
     typer.Option(
-        "--ledger", help="Ledger URL: show the points this node earns there, live (polled)."
+        "--ledger",
+        help="Ledger URL: show the points this node earns there, live (polled), redeem ticketed "
+        "work there, and honour its tickets.",
+    ),
+]
+LedgerKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ledger-key",
+        help="Public key (hex) of the ledger whose priority tickets this node honours "
+        "(default: the key --ledger reports).",
+    ),
+]
+MaxQueueOption = Annotated[
+    int, typer.Option("--max-queue", help="Computations waiting at most (busy beyond).")
+]
+MaxFreeQueueOption = Annotated[
+    int,
+    typer.Option(
+        "--max-free-queue",
+        help="Free computations waiting at most; the rest of the queue is kept for ticketed ones.",
     ),
 ]
 
 _DEFAULT_LIMITS = WireLimits()
 _DEFAULT_SESSIONS = SessionConfig()
+_DEFAULT_QUEUE = SchedulerConfig()
 
 
 def node_config(
@@ -102,6 +128,9 @@ def node_config(
     idle_timeout: float,
     max_request_bytes: int,
     ledger: str | None = None,
+    ledger_key: str | None = None,
+    max_queue: int = _DEFAULT_QUEUE.max_queue,
+    max_free_queue: int = _DEFAULT_QUEUE.max_free_queue,
 ) -> NodeConfig:
     """The :class:`NodeConfig` the command-line options describe (validated)."""
     peers = tuple(peer for value in initial_peers or () for peer in value.replace(",", " ").split())
@@ -116,6 +145,8 @@ def node_config(
         raise InvalidInput("--max-request-bytes must be positive")
     if quant not in ("none", "int8", "nf4"):
         raise InvalidInput(f"--quant must be none, int8 or nf4, not {quant!r}")
+    if max_queue < 1 or not 0 <= max_free_queue <= max_queue:
+        raise InvalidInput("need --max-queue >= 1 and 0 <= --max-free-queue <= --max-queue")
     return NodeConfig(
         model=model,
         blocks=parse_span(blocks) if blocks is not None else None,
@@ -130,6 +161,10 @@ def node_config(
         service=ServiceConfig(
             limits=WireLimits(max_tensor_bytes=max_request_bytes),
             sessions=SessionConfig(max_cache_tokens=max_cache_tokens, idle_timeout=idle_timeout),
+            scheduler=SchedulerConfig(max_queue=max_queue, max_free_queue=max_free_queue),
+            tickets=TicketConfig(
+                ledger_key=parse_ledger_key(ledger_key) if ledger_key is not None else None
+            ),
         ),
     )
 
@@ -148,6 +183,9 @@ def run(
     idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout,
     max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes,
     ledger: LedgerOption = None,
+    ledger_key: LedgerKeyOption = None,
+    max_queue: MaxQueueOption = _DEFAULT_QUEUE.max_queue,
+    max_free_queue: MaxFreeQueueOption = _DEFAULT_QUEUE.max_free_queue,
 ) -> None:
     """Serve blocks of a model to the swarm; prints the multiaddr others join with."""
     config = node_config(
@@ -164,6 +202,9 @@ def run(
         idle_timeout=idle_timeout,
         max_request_bytes=max_request_bytes,
         ledger=ledger,
+        ledger_key=ledger_key,
+        max_queue=max_queue,
+        max_free_queue=max_free_queue,
     )
     run_node(config)
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from corolla.errors import InvalidInput, NodeBusy
 
-__all__ = ["Priority", "PriorityScheduler", "SchedulerConfig"]
+__all__ = ["Priority", "PriorityScheduler", "SchedulerConfig", "Served"]
 
 T = TypeVar("T")
 
@@ -44,6 +44,16 @@ class SchedulerConfig:
             raise InvalidInput("need max_queue >= 1 and 0 <= max_free_queue <= max_queue")
 
 
+class Served(NamedTuple):
+    """One computation the scheduler started, in the order it started them."""
+
+    priority: Priority
+    arrival: int
+    """Its number in the order of arrival (all classes together)."""
+    overtook: int
+    """Computations that arrived before it and were still waiting when it started."""
+
+
 @dataclass(order=True)
 class _Job:
     priority: int
@@ -62,10 +72,12 @@ class PriorityScheduler:
         self._arrivals = itertools.count()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
-        self.served: deque[tuple[Priority, int]] = deque(maxlen=1024)
-        """(class, arrival number) of the last computations, in the order they ran."""
+        self._running: _Job | None = None
+        self.served: deque[Served] = deque(maxlen=1024)
+        """The last computations started, in the order they started."""
 
     def queued(self, priority: Priority | None = None) -> int:
+        """Computations waiting (of one class, or all)."""
         return sum(1 for job in self._heap if priority is None or job.priority == priority)
 
     async def run(self, priority: Priority, function: Callable[[], T]) -> T:
@@ -83,7 +95,14 @@ class PriorityScheduler:
         self._ensure_worker()
         if self._wakeup is not None:
             self._wakeup.set()
-        return await job.future
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            # The requester left (its stream closed): free its place in the queue at once.
+            if job in self._heap:
+                self._heap.remove(job)
+                heapq.heapify(self._heap)
+            raise
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
@@ -101,9 +120,11 @@ class PriorityScheduler:
                 await wakeup.wait()
                 continue
             job = heapq.heappop(self._heap)
-            if job.future.cancelled():
+            if job.future.done():
                 continue
-            self.served.append((Priority(job.priority), job.arrival))
+            overtook = sum(1 for other in self._heap if other.arrival < job.arrival)
+            self.served.append(Served(Priority(job.priority), job.arrival, overtook))
+            self._running = job
             try:
                 result = await loop.run_in_executor(self._executor, job.run)
             except Exception as error:  # delivered to the waiting request, not lost
@@ -112,11 +133,15 @@ class PriorityScheduler:
             else:
                 if not job.future.done():
                     job.future.set_result(result)
+            finally:
+                self._running = None
 
     def close(self) -> None:
+        """Stop: every waiting (and the running) computation gets NodeBusy."""
         if self._worker is not None:
             self._worker.cancel()
-        for job in self._heap:
+        jobs = [*self._heap, *([self._running] if self._running is not None else [])]
+        for job in jobs:
             if not job.future.done():
                 job.future.set_exception(NodeBusy("the node is shutting down"))
         self._heap.clear()

@@ -8,8 +8,14 @@ Lifecycle of :func:`run_node`:
 4. announce ``joining``, load the span, measure its throughput with real forward passes;
 5. register the RPC handlers, announce ``online``, print ``listening on <multiaddr>``;
 6. re-announce every ``refresh_period`` (records expire after twice that) and, with a ledger
-   URL, print the node's points when they change (:mod:`corolla.node.points`);
-7. on SIGINT/SIGTERM announce ``offline``, stop the handlers, the DHT and its daemons, exit 0.
+   URL, print the node's points when they change (:mod:`corolla.node.points`) and redeem its
+   ticketed work (:mod:`corolla.node.settlement`);
+7. on SIGINT/SIGTERM announce ``offline``, stop the handlers, redeem what is left (bounded),
+   stop the DHT and its daemons, exit 0.
+
+Tickets are honoured when signed by the ledger whose key ``--ledger-key`` gives, or else the key
+``--ledger URL`` reports at startup (asked once, bounded; if the ledger is down then, the
+settlement asks again every period). With neither, no ticket is honoured.
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ from corolla.node.records import (
     write_libp2p_identity,
 )
 from corolla.node.service import BENCHMARK_UNSIGNED_ENV, Behaviour, NodeService, ServiceConfig
+from corolla.node.settlement import Settlement, fetch_ledger_key
 from corolla.node.span import Span, load_span
 from corolla.node.wire import NAMESPACE
-from corolla.verify.identity import Identity, load_or_create_identity
+from corolla.verify.identity import Identity, load_or_create_identity, peer_name_of
 
 __all__ = [
     "DEFAULT_IDENTITY",
@@ -81,7 +88,8 @@ class NodeConfig:
     refresh_period: float = 30.0
     service: ServiceConfig = field(default_factory=ServiceConfig)
     ledger: str | None = None
-    """URL of a ledger: the node shows the points it has earned there, live."""
+    """URL of a ledger: the node shows the points it has earned there, live, redeems its
+    ticketed work there, and (without ``service.tickets.ledger_key``) honours its tickets."""
 
     def __post_init__(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -189,6 +197,50 @@ def _start_dht(config: NodeConfig, identity: Identity) -> DHT:
         raise NodeUnavailable(f"cannot start the DHT or join the swarm: {error}") from None
 
 
+async def _trusted_ledger(config: NodeConfig) -> ServiceConfig:
+    """The service's config with the key of the ledger whose tickets it honours: ``--ledger-key``,
+    else the key ``--ledger URL`` reports (one bounded request; a warning if it fails)."""
+    service = config.service
+    if config.ledger is None:
+        return service
+    from corolla.ledger.client import AsyncLedgerClient, ClientConfig
+
+    url = check_ledger_url(config.ledger)
+    try:
+        async with AsyncLedgerClient(url, config=ClientConfig(timeout_s=5.0, attempts=1)) as ledger:
+            reported = await asyncio.wait_for(fetch_ledger_key(ledger), 10)
+    except Exception as error:
+        if service.tickets.ledger_key is None:
+            print(
+                f"warning: cannot get the ledger's key from {url} ({str(error)[:200]}); "
+                "tickets are not honoured until it answers",
+                flush=True,
+            )
+        return service
+    configured = service.tickets.ledger_key
+    if configured is None:
+        return replace(service, tickets=replace(service.tickets, ledger_key=reported))
+    if configured != reported:
+        print(
+            f"warning: --ledger-key is ledger {peer_name_of(configured)} but {url} is ledger "
+            f"{peer_name_of(reported)}: tickets it sells are not honoured, redemptions will fail",
+            flush=True,
+        )
+    return service
+
+
+def _tickets_line(service: NodeService, config: NodeConfig) -> str:
+    key = service.tickets.ledger_key
+    if key is None and config.ledger is None:
+        return "tickets: not honoured (give --ledger URL or --ledger-key HEX to honour them)"
+    if key is None:
+        return f"tickets: not honoured until {config.ledger} says its key"
+    line = f"tickets: honoured when signed by ledger {peer_name_of(key)}"
+    if config.ledger is None:
+        line += "; no --ledger, so ticketed work is not redeemed"
+    return line
+
+
 def _interrupt_in(main_pid: int) -> Callable[[int, FrameType | None], None]:
     """A SIGTERM handler raising KeyboardInterrupt in this process; forked children just die."""
 
@@ -277,9 +329,10 @@ async def _serve(
     announcer = _Announcer(dht, identity, template, config.refresh_period)
     await announcer.store(None, NodeState.JOINING)
 
+    service_config = await _trusted_ledger(config)
     span = await asyncio.to_thread(load_span, config.model, start, end, config.quant)
     # In a thread: a behaviour may load weights of its own when it is attached to the span.
-    service = await asyncio.to_thread(NodeService, span, identity, config.service, behaviour)
+    service = await asyncio.to_thread(NodeService, span, identity, service_config, behaviour)
     announcer.template = replace(
         template, dtype=service.dtype_name, quant=span.quant, span_digest=span.digest
     )
@@ -298,13 +351,18 @@ async def _serve(
     )
     for maddr in maddrs:
         print(f"{LISTENING_PREFIX}{maddr}", flush=True)
+    print(_tickets_line(service, config), flush=True)
 
-    watcher: asyncio.Task[None] | None = None
+    watchers: list[asyncio.Task[None]] = []
+    settlement: Settlement | None = None
     if config.ledger is not None:
-        points = PointsWatcher(
-            check_ledger_url(config.ledger), identity.public_key, config.refresh_period
-        )
-        watcher = asyncio.create_task(points.run(stop))
+        url = check_ledger_url(config.ledger)
+        points = PointsWatcher(url, identity.public_key, config.refresh_period)
+        settlement = Settlement(url, identity, service.tickets, config.refresh_period)
+        watchers = [
+            asyncio.create_task(points.run(stop)),
+            asyncio.create_task(settlement.run(stop)),
+        ]
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -312,7 +370,7 @@ async def _serve(
             if not stop.is_set():
                 await announcer.store(service, NodeState.ONLINE)
     finally:
-        if watcher is not None:
+        for watcher in watchers:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
@@ -321,6 +379,9 @@ async def _serve(
             await asyncio.wait_for(announcer.store(service, NodeState.OFFLINE), 10)
         with contextlib.suppress(Exception):
             await service.remove_p2p_handlers(p2p, namespace=NAMESPACE)
+        if settlement is not None:
+            with contextlib.suppress(Exception):
+                await settlement.final()
         service.shutdown()
         with contextlib.suppress(Exception):
             await p2p.shutdown()

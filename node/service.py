@@ -9,6 +9,14 @@ and leaves the session as it was; only a broken framing (the stream is out of sy
 timeout or an internal failure of the span ends the stream. Compute runs on one worker thread so
 the event loop keeps serving other peers.
 
+Every computation (inference steps and one-shot forwards) waits its turn in one
+:class:`~corolla.node.scheduler.PriorityScheduler`: steps of sessions whose ticket the node
+honours (:mod:`corolla.node.tickets`) run at high priority, everything else free; a full queue is
+a ``busy`` refusal that leaves the session as it was. A ticket is checked at ``open`` (the reply
+says ``high`` or ``free`` and why) and charged per step; a ticket that is not honoured, or runs
+out, never fails a step: the step runs free and its reply carries a note. Charged steps' (request,
+receipt) pairs wait in the ticket book for :mod:`corolla.node.settlement` to redeem them.
+
 What a node does with a step goes through a :class:`~corolla.node.behaviour.Behaviour` (honest
 by default; re-exported here): :mod:`corolla.simulations.adversaries` supplies dishonest ones.
 
@@ -21,6 +29,8 @@ rejects.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,12 +46,16 @@ from corolla import PROTOCOL_VERSION, __version__
 from corolla.errors import CorollaError, InvalidInput
 from corolla.node.behaviour import BENCHMARK_UNSIGNED_ENV, Behaviour, unsigned_signer
 from corolla.node.records import NodeState
+from corolla.node.scheduler import Priority, PriorityScheduler, SchedulerConfig
 from corolla.node.sessions import Session, SessionConfig, SessionTable
 from corolla.node.span import Span
+from corolla.node.tickets import HonouredTicket, TicketBook, TicketConfig, block_tokens
 from corolla.node.wire import (
     KIND_FORWARD,
     KIND_OPEN,
     NAMESPACE,
+    PRIORITY_FREE,
+    PRIORITY_HIGH,
     SERVICE_NAME,
     ErrorCode,
     ErrorReply,
@@ -68,10 +82,12 @@ LINGER_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Limits of the service: per message (wire) and per node (sessions)."""
+    """Limits of the service: per message (wire), per node (sessions, queue), and tickets."""
 
     limits: WireLimits = field(default_factory=WireLimits)
     sessions: SessionConfig = field(default_factory=SessionConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tickets: TicketConfig = field(default_factory=TicketConfig)
     benchmark_unsigned: bool = False
     """Benchmarks only: skip the clients' signatures, sign receipts with zeros."""
 
@@ -97,9 +113,11 @@ class NodeService(ServicerBase):
         self.unsigned = self.config.benchmark_unsigned
         self._signer = unsigned_signer(identity) if self.unsigned else identity
         self.sessions: SessionTable[StepOutput] = SessionTable(self.config.sessions)
+        self.tickets = TicketBook(self.config.tickets)
         self.state = NodeState.JOINING
         self.throughput = 0.0
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+        self.scheduler = PriorityScheduler(self.config.scheduler, self._compute)
 
     async def add_handlers(self, p2p: object) -> None:
         """Register the rpc_* handlers under the protocol's namespace."""
@@ -108,6 +126,8 @@ class NodeService(ServicerBase):
         await self.add_p2p_handlers(p2p, namespace=NAMESPACE)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
+        """Refuse what is queued and stop the compute thread (call on the event loop)."""
+        self.scheduler.close()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -134,6 +154,8 @@ class NodeService(ServicerBase):
             sessions=len(self.sessions),
             state=self.state,
             version=__version__,
+            queued_high=self.scheduler.queued(Priority.HIGH),
+            queued_free=self.scheduler.queued(Priority.FREE),
         )
 
     # ----------------------------------------------------------------------- RPCs
@@ -192,8 +214,8 @@ class NodeService(ServicerBase):
                     try:
                         message = decode_frame(frame, limits)
                         if session is None:
-                            session = self._open(message)
-                            reply = _opened(session)
+                            session, note = self._open(message, context)
+                            reply = _opened(session, note)
                         else:
                             reply = (await self._step(session, message)).to_message()
                     except CorollaError as error:
@@ -216,7 +238,8 @@ class NodeService(ServicerBase):
 
     # ----------------------------------------------------------------------- steps
 
-    def _open(self, message: Message) -> Session[StepOutput]:
+    def _open(self, message: Message, context: P2PContext) -> tuple[Session[StepOutput], str]:
+        """Open the session ``message`` asks for; returns it and the note on its ticket."""
         if message.kind != KIND_OPEN:
             raise InvalidInput(f"unknown session: a {message.kind[:40]!r} before opening one")
         request = OpenSession.from_message(message)
@@ -225,13 +248,18 @@ class NodeService(ServicerBase):
             raise InvalidInput(
                 f"max_length {request.max_length} exceeds the model's {span.max_length}"
             )
-        return self.sessions.open(
+        admission = self.tickets.admit(request.ticket, request.client_key)
+        session = self.sessions.open(
             request.session_id,
             request.client_key,
             request.batch_size,
             request.max_length,
             span,
+            admission.ticket,
         )
+        if admission.note:
+            logger.info("session from %s: %s", context.remote_id, admission.note)
+        return session, admission.note
 
     def _subspan(self, start: int, end: int) -> Span:
         """The node's span, or the part of it a client asks for."""
@@ -288,9 +316,37 @@ class NodeService(ServicerBase):
                 f"{session.past_length} + {new} tokens exceed the session's max length "
                 f"of {session.max_length}"
             )
-        reply = await self._run(request, hidden, session.span, session)
+        priority, honoured, note = self._priority_of(session, request)
+        try:
+            reply = await self._run(request, hidden, session.span, session, priority)
+        except BaseException:
+            if honoured is not None:  # not served: the ticket does not pay for it
+                self.tickets.refund(honoured, block_tokens(request))
+            raise
+        if honoured is not None and not self.unsigned:
+            self.tickets.record(honoured, request, reply.receipt)
+        if note:
+            reply = dataclasses.replace(reply, note=note)
         session.advance(request, reply, reply.receipt.chain_digest)
         return reply
+
+    def _priority_of(
+        self, session: Session[StepOutput], request: StepRequest
+    ) -> tuple[Priority, HonouredTicket | None, str]:
+        """The class a session's step runs in, the ticket charged for it, and a note if free
+        against the session's wishes. A ticket that cannot pay never fails the step."""
+        honoured = session.ticket
+        if honoured is None:
+            return Priority.FREE, None, ""
+        if request.ticket_digest != honoured.digest:
+            note = "the request does not name the session's ticket: this step ran at free priority"
+            return Priority.FREE, None, note
+        problem = self.tickets.charge(honoured, block_tokens(request))
+        if problem is not None:
+            session.ticket = None
+            logger.info("session %s drops to free priority: %s", session.session_id.hex(), problem)
+            return Priority.FREE, None, f"{problem}: the session runs at free priority from now on"
+        return Priority.HIGH, honoured, ""
 
     async def _forward(self, step: StepMessage) -> StepOutput:
         request, hidden = step.request, step.hidden
@@ -302,7 +358,7 @@ class NodeService(ServicerBase):
             raise InvalidInput("a one-shot forward starts at position 0")
         if new > span.max_length:
             raise InvalidInput(f"{new} tokens exceed the model's context of {span.max_length}")
-        return await self._run(request, hidden, span, None)
+        return await self._run(request, hidden, span, None, Priority.FREE)
 
     async def _run(
         self,
@@ -310,11 +366,11 @@ class NodeService(ServicerBase):
         hidden: torch.Tensor,
         span: Span,
         session: Session[StepOutput] | None,
+        priority: Priority,
     ) -> StepOutput:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._compute, self._compute_step, request, hidden, span, session
-        )
+        """Queue the computation in its class; NodeBusy at once if the queue has no room."""
+        compute = functools.partial(self._compute_step, request, hidden, span, session)
+        return await self.scheduler.run(priority, compute)
 
     def _compute_step(
         self,
@@ -338,9 +394,14 @@ class NodeService(ServicerBase):
         return StepOutput(receipt, behaviour.sent(request.step, request, output))
 
 
-def _opened(session: Session[StepOutput]) -> Message:
+def _opened(session: Session[StepOutput], note: str) -> Message:
     return SessionOpened(
-        session.session_id, session.batch_size, session.max_length, session.reserved_tokens
+        session.session_id,
+        session.batch_size,
+        session.max_length,
+        session.reserved_tokens,
+        priority=PRIORITY_HIGH if session.ticket is not None else PRIORITY_FREE,
+        note=note,
     ).to_message()
 
 

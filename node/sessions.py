@@ -6,6 +6,10 @@ are numbered from 0 and must come in order: the next step advances the cache; a 
 step (the same signed request) gets the stored reply back without touching the cache; anything
 else is refused. ``position`` counts the tokens already in the cache over the whole batch
 (``batch_size * past_length``), as :class:`~corolla.verify.receipts.StepRequest` does.
+
+A session opened with a ticket the node honours holds it (``ticket``, see
+:mod:`corolla.node.tickets`) and runs at high priority until the ticket can no longer pay for a
+step; it then drops the ticket and runs free.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Generic, TypeVar
 
 from corolla.errors import InvalidInput, NodeBusy
 from corolla.node.span import Span, SpanCache
+from corolla.node.tickets import HonouredTicket
 from corolla.verify.digests import GENESIS_CHAIN
 from corolla.verify.receipts import StepRequest
 
@@ -49,6 +54,8 @@ class Session(Generic[Reply]):
     chain: bytes = GENESIS_CHAIN
     last_request: StepRequest | None = None
     last_reply: Reply | None = None
+    ticket: HonouredTicket | None = None
+    """The ticket paying for this session's priority; None: the session runs free."""
 
     @property
     def reserved_tokens(self) -> int:
@@ -123,6 +130,7 @@ class SessionTable(Generic[Reply]):
         batch_size: int,
         max_length: int,
         span: Span,
+        ticket: HonouredTicket | None = None,
     ) -> Session[Reply]:
         """Reserve room for a new session running ``span``; :class:`NodeBusy` if it does not fit."""
         if session_id in self._sessions:
@@ -134,7 +142,13 @@ class SessionTable(Generic[Reply]):
                 f"{self.free_tokens} of {self.config.max_cache_tokens} free"
             )
         session: Session[Reply] = Session(
-            session_id, client_key, batch_size, max_length, span, span.new_cache(batch_size)
+            session_id,
+            client_key,
+            batch_size,
+            max_length,
+            span,
+            span.new_cache(batch_size),
+            ticket=ticket,
         )
         self._sessions[session_id] = session
         return session

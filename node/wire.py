@@ -71,6 +71,9 @@ __all__ = [
     "MESSAGE_CAP_BYTES",
     "NAMESPACE",
     "PART_BYTES",
+    "PRIORITIES",
+    "PRIORITY_FREE",
+    "PRIORITY_HIGH",
     "SERVICE_NAME",
     "ErrorCode",
     "ErrorReply",
@@ -108,6 +111,11 @@ KIND_OUTPUT = "output"
 KIND_FORWARD = "forward"
 KIND_INFO = "info"
 KIND_ERROR = "error"
+
+PRIORITY_HIGH = "high"
+"""A session whose ticket the node honours: its steps go ahead of free ones."""
+PRIORITY_FREE = "free"
+PRIORITIES = (PRIORITY_HIGH, PRIORITY_FREE)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -336,6 +344,7 @@ class ErrorCode:
 _MAX_ERROR_TEXT = 2000
 _MAX_TICKET_BYTES = 4096
 _MAX_NAME = 200
+_MAX_NOTE = 500
 
 
 @dataclass(frozen=True)
@@ -370,25 +379,37 @@ class OpenSession:
 
 @dataclass(frozen=True)
 class SessionOpened:
-    """Node -> client: the session is open and ``reserved_tokens`` of cache are held for it."""
+    """Node -> client: the session is open and ``reserved_tokens`` of cache are held for it.
+
+    ``priority`` is ``high`` when the node honours the session's ticket, else ``free``; ``note``
+    says why (empty for a session opened without a ticket). Both may be absent from the body
+    (a node of an earlier version): they then read as ``free`` and ``""``.
+    """
 
     session_id: bytes
     batch_size: int
     max_length: int
     reserved_tokens: int
+    priority: str = PRIORITY_FREE
+    note: str = ""
 
     def __post_init__(self) -> None:
         _check_bytes("session_id", self.session_id, SESSION_ID_SIZE)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("max_length", self.max_length, 1)
         _check_int("reserved_tokens", self.reserved_tokens, 0)
+        if self.priority not in PRIORITIES:
+            raise InvalidInput(f"priority must be one of {PRIORITIES}, not {self.priority!r}"[:200])
+        _check_note(self.note)
 
     def to_message(self) -> Message:
         return Message(KIND_OPENED, _fields_of(self))
 
     @classmethod
     def from_message(cls, message: Message) -> SessionOpened:
-        return cls(**_body(message, KIND_OPENED, cls.__dataclass_fields__, tensors=0))
+        required = ("session_id", "batch_size", "max_length", "reserved_tokens")
+        body = _body(message, KIND_OPENED, required, tensors=0, optional=("priority", "note"))
+        return cls(**body)
 
 
 @dataclass(frozen=True)
@@ -412,18 +433,29 @@ class StepMessage:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """Node -> client: the output hidden states and the node's signed receipt for them."""
+    """Node -> client: the output hidden states and the node's signed receipt for them.
+
+    ``note`` (sent only when not empty) tells the client something about the step that is not
+    an error, e.g. that it ran at free priority because the session's ticket ran out.
+    """
 
     receipt: Receipt
     hidden: torch.Tensor
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        _check_note(self.note)
 
     def to_message(self) -> Message:
-        return Message(KIND_OUTPUT, {"receipt": self.receipt.to_bytes()}, (self.hidden,))
+        body: dict[str, Value] = {"receipt": self.receipt.to_bytes()}
+        if self.note:
+            body["note"] = self.note
+        return Message(KIND_OUTPUT, body, (self.hidden,))
 
     @classmethod
     def from_message(cls, message: Message) -> StepOutput:
-        body = _body(message, KIND_OUTPUT, ["receipt"], tensors=1)
-        return cls(Receipt.from_bytes(body["receipt"]), message.tensors[0])
+        body = _body(message, KIND_OUTPUT, ["receipt"], tensors=1, optional=("note",))
+        return cls(Receipt.from_bytes(body["receipt"]), message.tensors[0], body.get("note", ""))
 
 
 @dataclass(frozen=True)
@@ -504,6 +536,10 @@ class NodeInfo:
     state: str
     version: str
     protocol: int = PROTOCOL_VERSION
+    queued_high: int = 0
+    """Ticketed computations waiting in the node's queue (0 from nodes that do not say)."""
+    queued_free: int = 0
+    """Free computations waiting in the node's queue."""
 
     def __post_init__(self) -> None:
         _check_str("peer_id", self.peer_id)
@@ -516,7 +552,14 @@ class NodeInfo:
             _check_str(name, getattr(self, name))
         for name in ("hidden_size", "max_length"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("cache_tokens_total", "cache_tokens_free", "sessions", "protocol"):
+        for name in (
+            "cache_tokens_total",
+            "cache_tokens_free",
+            "sessions",
+            "protocol",
+            "queued_high",
+            "queued_free",
+        ):
             _check_int(name, getattr(self, name), 0)
         if not isinstance(self.throughput, float | int) or not 0 <= self.throughput < 1e12:
             raise InvalidInput(f"throughput must be a non-negative number, not {self.throughput!r}")
@@ -528,10 +571,14 @@ class NodeInfo:
 
     @classmethod
     def from_message(cls, message: Message) -> NodeInfo:
-        fields = _body(message, KIND_INFO, cls.__dataclass_fields__, tensors=0)
+        names = set(cls.__dataclass_fields__) - _INFO_OPTIONAL
+        fields = _body(message, KIND_INFO, names, tensors=0, optional=_INFO_OPTIONAL)
         _check_int("throughput", fields["throughput"], 0)
         fields["throughput"] = fields["throughput"] / 1000
         return cls(**fields)
+
+
+_INFO_OPTIONAL = frozenset({"queued_high", "queued_free"})
 
 
 def milli(value: float) -> int:
@@ -556,6 +603,11 @@ def _check_bytes(name: str, value: object, size: int | None, most: int | None = 
         raise InvalidInput(f"{name} is over {most} bytes")
 
 
+def _check_note(value: object) -> None:
+    if not isinstance(value, str) or len(value) > _MAX_NOTE:
+        raise InvalidInput(f"note must be a string of at most {_MAX_NOTE} characters")
+
+
 def _check_str(name: str, value: object, most: int = _MAX_NAME) -> None:
     if not isinstance(value, str) or not 0 < len(value) <= most:
         raise InvalidInput(f"{name} must be a string of 1..{most} characters")
@@ -565,17 +617,30 @@ def _fields_of(record: object) -> dict[str, Value]:
     return {name: getattr(record, name) for name in record.__dataclass_fields__}  # type: ignore[attr-defined]
 
 
-def _body(message: Message, kind: str, names: Iterable[str], tensors: int) -> dict[str, Value]:
-    """The body of a ``kind`` message with exactly the fields ``names`` and ``tensors`` tensors."""
+def _body(
+    message: Message,
+    kind: str,
+    names: Iterable[str],
+    tensors: int,
+    optional: Iterable[str] = (),
+) -> dict[str, Value]:
+    """The body of a ``kind`` message with ``tensors`` tensors, every field of ``names`` and
+    nothing but those and the ``optional`` ones."""
     names = set(names)
+    allowed = names | set(optional)
     if message.kind != kind:
         raise InvalidInput(f"expected a {kind!r} message, got {message.kind[:40]!r}")
     if len(message.tensors) != tensors:
         raise InvalidInput(
             f"a {kind!r} message carries {tensors} tensors, not {len(message.tensors)}"
         )
-    if set(message.body) != names:
-        raise InvalidInput(f"a {kind!r} message must hold exactly the fields {sorted(names)}")
+    if not names <= set(message.body) <= allowed:
+        if allowed == names:
+            raise InvalidInput(f"a {kind!r} message must hold exactly the fields {sorted(names)}")
+        raise InvalidInput(
+            f"a {kind!r} message must hold the fields {sorted(names)}, and may hold "
+            f"{sorted(allowed - names)}"
+        )
     return dict(message.body)
 
 

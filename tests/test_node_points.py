@@ -8,13 +8,13 @@ import io
 import time
 from pathlib import Path
 
-import ledger_fixtures
 import pytest
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from ledger_fixtures import attest, free_port, make_pairs, running_server
 from swarm_fixtures import Swarm
 
+import corolla.ledger.process as ledger_process
 from corolla.cli import main
 from corolla.ledger.client import AsyncLedgerClient, ClientConfig, LedgerClient
 from corolla.node.points import POINTS_PREFIX, PointsWatcher
@@ -44,7 +44,8 @@ async def test_the_watcher_prints_the_balance_each_change_and_one_warning_per_ou
 ):
     node = Identity.generate()
     port = free_port()
-    monkeypatch.setattr(ledger_fixtures, "free_port", lambda: port)  # the ledger comes up there
+    # The ledger comes up on that port (the server helper lives in corolla.ledger.process).
+    monkeypatch.setattr(ledger_process, "free_port", lambda: port)
     out = io.StringIO()
     watcher = PointsWatcher(f"http://127.0.0.1:{port}", node.public_key, period=1.0, out=out)
 

@@ -74,3 +74,54 @@ async def test_a_failing_job_reports_its_error_and_the_queue_keeps_serving(execu
     with pytest.raises(ValueError, match="broken step"):
         await scheduler.run(Priority.FREE, fail)
     assert await scheduler.run(Priority.FREE, lambda: 42) == 42
+
+
+async def test_served_records_how_many_waiting_jobs_each_overtook(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+    gate = threading.Event()
+    blocker = await _blocked(scheduler, gate)
+    jobs = [
+        asyncio.ensure_future(scheduler.run(priority, lambda: None))
+        for priority in (Priority.FREE, Priority.FREE, Priority.HIGH, Priority.FREE)
+    ]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(blocker, *jobs)
+    started = [(job.priority, job.overtook) for job in list(scheduler.served)[1:]]
+    assert started == [
+        (Priority.HIGH, 2),  # went past the two free jobs that came first
+        (Priority.FREE, 0),
+        (Priority.FREE, 0),
+        (Priority.FREE, 0),
+    ]
+
+
+async def test_a_request_that_leaves_the_queue_frees_its_place(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(max_queue=2, max_free_queue=1), executor)
+    gate = threading.Event()
+    blocker = await _blocked(scheduler, gate)
+    waiting = asyncio.ensure_future(scheduler.run(Priority.FREE, lambda: "left"))
+    await asyncio.sleep(0.01)
+    with pytest.raises(NodeBusy):
+        await scheduler.run(Priority.FREE, lambda: "no room")
+    waiting.cancel()
+    await asyncio.sleep(0.01)
+    assert scheduler.queued() == 0
+    later = asyncio.ensure_future(scheduler.run(Priority.FREE, lambda: "room again"))
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await later == "room again"
+    await blocker
+
+
+async def test_closing_refuses_the_waiting_and_the_running_jobs(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+    gate = threading.Event()
+    blocker = await _blocked(scheduler, gate)
+    waiting = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: "never"))
+    await asyncio.sleep(0.01)
+    scheduler.close()
+    gate.set()
+    for job in (blocker, waiting):
+        with pytest.raises(NodeBusy, match="shutting down"):
+            await job

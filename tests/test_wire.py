@@ -22,6 +22,7 @@ from corolla.node.wire import (
     OpenSession,
     SessionOpened,
     StepMessage,
+    StepOutput,
     WireLimits,
     decode_frame,
     deserialize_tensor,
@@ -32,7 +33,7 @@ from corolla.node.wire import (
 from corolla.verify.digests import tensor_digest
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
-from corolla.verify.receipts import sign_request
+from corolla.verify.receipts import make_receipt, sign_request
 
 LIMITS = WireLimits()
 
@@ -201,6 +202,8 @@ async def test_typed_messages_round_trip():
     assert OpenSession.from_message(await _round_trip(opening.to_message())) == opening
     opened = SessionOpened(opening.session_id, 2, 64, 128)
     assert SessionOpened.from_message(await _round_trip(opened.to_message())) == opened
+    paid = SessionOpened(opening.session_id, 2, 64, 128, priority="high", note="ticket honoured")
+    assert SessionOpened.from_message(await _round_trip(paid.to_message())) == paid
     step = _signed_step(client, torch.randn(2, 3, 8))
     back = StepMessage.from_message(await _round_trip(step.to_message()))
     assert back.request == step.request and torch.equal(back.hidden, step.hidden)
@@ -224,8 +227,36 @@ async def test_typed_messages_round_trip():
         sessions=1,
         state="online",
         version="0.1.0",
+        queued_high=1,
+        queued_free=7,
     )
     assert NodeInfo.from_message(await _round_trip(info.to_message())) == info
+
+
+async def test_priority_fields_are_optional_on_the_wire_and_checked_when_present():
+    opened = SessionOpened(os.urandom(16), 1, 8, 8)
+    older = Message(
+        "opened",
+        {
+            k: v
+            for k, v in opened.to_message().body.items()
+            if k in ("session_id", "batch_size", "max_length", "reserved_tokens")
+        },
+    )
+    back = SessionOpened.from_message(await _round_trip(older))
+    assert (back.priority, back.note) == ("free", "")
+    for extra in ({"priority": "urgent"}, {"note": 5}, {"bonus": 1}):
+        body = {**opened.to_message().body, **extra}
+        with pytest.raises(InvalidInput):
+            SessionOpened.from_message(Message("opened", body))
+    step = _signed_step(Identity.generate(), torch.randn(1, 2, 8))
+    receipt = make_receipt(Identity.generate(), step.request, bytes(32), bytes(32))
+    plain = StepOutput(receipt, step.hidden)
+    assert "note" not in plain.to_message().body
+    noted = StepOutput(receipt, step.hidden, note="ran at free priority")
+    back_output = StepOutput.from_message(await _round_trip(noted.to_message()))
+    assert back_output.note == noted.note and back_output.receipt == receipt
+    assert StepOutput.from_message(await _round_trip(plain.to_message())).note == ""
 
 
 @pytest.mark.parametrize(
