@@ -107,6 +107,7 @@ class SwarmSession:
         self.swarm = swarm
         self.ticket = ticket
         self.priority_notes: list[str] = []
+        self.granted: dict[str, str] = {}  # peer id -> priority the node granted ("high"/"free")
         self.checker = checker
         self.checks: list[CheckOutcome] = []
         self._pending: list[tuple[_Link, asyncio.Task[CheckOutcome]]] = []
@@ -201,9 +202,9 @@ class SwarmSession:
         except BaseException:
             await stream.abort()
             raise
-        note = getattr(opened, "note", "")
-        if note:
-            self.priority_notes.append(f"{hop.peer_id}: {note}")
+        self.granted[hop.peer_id] = opened.priority
+        if opened.note:
+            self.priority_notes.append(f"{hop.peer_id}: {opened.note}")
         return _Link(hop, stream, self.manifest.span_digest(hop.start, hop.end))
 
     async def _forward(self, link: _Link, x: torch.Tensor) -> torch.Tensor:
