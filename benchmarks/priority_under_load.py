@@ -1,0 +1,112 @@
+"""Per-token latency of a ticketed and a free client while N free clients load the same node.
+
+    python benchmarks/priority_under_load.py [--loads 0 2 4] [--tokens 24] [--layers 8]
+
+One run: a ledger and two nodes serving every block; a client earns points with checked work,
+the node that earned most buys a ticket with them, then for each load N (free clients
+generating in a loop through one node) the ticketed client and one more free client generate
+through that node; their median and p90 decode-step latencies are printed, with the ticketed
+client's latency as a ratio to its unloaded latency (target: within 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers.utils import logging as hf_logging
+
+from corolla.client.generation import GenerationConfig
+from corolla.ledger.process import LedgerProcess
+from corolla.node.launcher import LocalSwarm
+from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.scenarios import FreeLoad, buy_ticket, client_model, earn_points, richest, step_times
+
+PROMPT = "Priority under load"
+
+
+def quantiles(times: list[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    return 1000 * statistics.median(ordered), 1000 * ordered[int(0.9 * (len(ordered) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loads", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    console = Console()
+    config = GenerationConfig(max_new_tokens=args.tokens, stop_at_eos=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as temp_dir:
+        temp = Path(temp_dir)
+        tiny = TinyModelConfig(num_layers=args.layers, hidden_size=args.hidden)
+        model_dir = create_tiny_model(temp / "model", tiny)
+        blocks = f"0:{args.layers}"
+        with (
+            LedgerProcess(temp / "ledger.db", temp / "ledger.key") as ledger,
+            LocalSwarm(temp / "nodes") as swarm,
+        ):
+            with console.status("starting a ledger and two nodes; earning points"):
+                busy = swarm.start(model_dir, blocks=blocks, extra_args=["--ledger", ledger.url])
+                swarm.start(model_dir, blocks=blocks, extra_args=["--ledger", ledger.url])
+                earn_points(swarm, model_dir, ledger.url, temp / "earner.key", 2, PROMPT)
+                payer, points = richest(ledger.url, swarm.nodes)
+                budget = points // 2
+                bought = buy_ticket(ledger.url, payer.identity, budget, temp / "tickets.json")
+            console.print(
+                f"ticket of {bought.ticket.budget} block-tokens bought for "
+                f"{bought.cost} points earned by serving"
+            )
+            load = FreeLoad(swarm, model_dir, temp / "load", busy.peer_id, PROMPT, config)
+            (temp / "load").mkdir()
+            for clients in args.loads:
+                with (
+                    console.status(f"{clients} free clients loading the node"),
+                    load.running(clients),
+                    client_model(swarm, model_dir, payer.identity, allow=busy.peer_id) as paid,
+                    client_model(swarm, model_dir, temp / "probe.key", allow=busy.peer_id) as free,
+                ):
+                    paid.backbone.ticket = bought.ticket
+                    _, paid_times = step_times(paid, PROMPT, config)
+                    _, free_times = step_times(free, PROMPT, config)
+                    granted = paid.backbone.last_session.core.granted.get(busy.peer_id)
+                rows.append((clients, quantiles(paid_times), quantiles(free_times), granted))
+    table = Table(
+        title=f"decode-step latency through one node, tiny BLOOM {args.layers} x "
+        f"{args.hidden}, {args.tokens} tokens"
+    )
+    for column in (
+        "free clients loading",
+        "ticketed median / p90 ms",
+        "free median / p90 ms",
+        "ticketed vs its unloaded median",
+        "priority granted",
+    ):
+        table.add_column(column)
+    unloaded = rows[0][1][0]
+    for clients, (paid_median, paid_p90), (free_median, free_p90), granted in rows:
+        table.add_row(
+            str(clients),
+            f"{paid_median:.1f} / {paid_p90:.1f}",
+            f"{free_median:.1f} / {free_p90:.1f}",
+            f"{paid_median / unloaded:.2f}x",
+            str(granted),
+        )
+    console.print(table)
+    worst = max(row[1][0] for row in rows) / unloaded
+    console.print(f"ticketed latency under load: at most {worst:.2f}x unloaded (target 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Scenes that the demo, the benchmarks and the tests stage on a local swarm.
+
+Earning points with checked work, spending them on a ticket, timing a generation step by step,
+and loading a node with free clients: shared so that each is written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from corolla.client.generation import GenerationConfig
+from corolla.client.model import DistributedModelForCausalLM
+from corolla.client.priority import PriorityConfig, TicketWallet, WalletTicket
+from corolla.client.reporting import report_session
+from corolla.client.spotcheck import SpotCheckConfig
+from corolla.client.swarm import ClientConfig
+from corolla.errors import NodeUnavailable
+from corolla.ledger.client import LedgerClient
+from corolla.node.launcher import LocalSwarm, NodeProcess
+from corolla.verify.identity import load_or_create_identity
+
+__all__ = [
+    "FreeLoad",
+    "buy_ticket",
+    "client_model",
+    "earn_points",
+    "richest",
+    "step_times",
+]
+
+
+def client_model(
+    swarm: LocalSwarm,
+    model_dir: Path,
+    key: Path,
+    *,
+    allow: str | None = None,
+    checks: SpotCheckConfig | None = None,
+) -> DistributedModelForCausalLM:
+    config = ClientConfig(
+        initial_peers=tuple(swarm.initial_peers),
+        identity=key,
+        allow=frozenset([allow]) if allow else frozenset(),
+        step_timeout=60.0,
+    )
+    return DistributedModelForCausalLM.from_pretrained(model_dir, config=config, checks=checks)
+
+
+def step_times(
+    model: DistributedModelForCausalLM, prompt: str, config: GenerationConfig
+) -> tuple[torch.Tensor, list[float]]:
+    """The tokens and the seconds of each decode step (the prefill is left out)."""
+    input_ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+    stamps: list[float] = []
+    tokens = model.generate(
+        input_ids, config, on_tokens=lambda _: stamps.append(time.perf_counter())
+    )
+    return tokens, [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def earn_points(
+    swarm: LocalSwarm, model_dir: Path, ledger_url: str, key: Path, sessions: int, prompt: str
+) -> None:
+    """A client uses the swarm with every step checked and reports each session: nodes earn."""
+    config = GenerationConfig(max_new_tokens=16, stop_at_eos=False)
+    with (
+        client_model(swarm, model_dir, key, checks=SpotCheckConfig(rate=1.0, seed=0)) as model,
+        LedgerClient(ledger_url, load_or_create_identity(key)) as api,
+    ):
+        for _ in range(sessions):
+            step_times(model, prompt, config)
+            session = model.backbone.last_session
+            if session is not None:
+                report_session(api, session.work, session.checks)
+
+
+def richest(ledger_url: str, nodes: list[NodeProcess]) -> tuple[NodeProcess, int]:
+    """The node with the most points, and its balance."""
+    with LedgerClient(ledger_url) as api:
+        balances = {
+            node.name: api.balance(load_or_create_identity(node.identity).public_key)
+            for node in nodes
+        }
+    best = max(nodes, key=lambda node: balances[node.name])
+    return best, balances[best.name]
+
+
+def buy_ticket(ledger_url: str, key: Path, budget: int, wallet: Path) -> WalletTicket:
+    identity = load_or_create_identity(key)
+    with LedgerClient(ledger_url, identity) as api:
+        config = PriorityConfig(
+            ledger_url=ledger_url, budget=budget, min_budget_left=1, wallet=wallet
+        )
+        return TicketWallet(wallet, api).ticket_for(config, identity.public_key)
+
+
+@dataclass
+class FreeLoad:
+    """Free clients generating in a loop through one node, each in its own process (as real
+    clients on other machines would be), until stopped."""
+
+    swarm: LocalSwarm
+    model_dir: Path
+    keys: Path
+    node: str
+    prompt: str
+    config: GenerationConfig
+
+    @contextlib.contextmanager
+    def running(self, clients: int, ready_timeout: float = 120.0) -> Iterator[None]:
+        """Start `clients` processes; yield once each has generated at least once."""
+        processes = []
+        try:
+            for index in range(clients):
+                command = [
+                    sys.executable, "-c", "from corolla.scenarios import _free_client; "
+                    "_free_client()", str(self.model_dir), self.swarm.initial_peers[0], self.node,
+                    str(self.keys / f"free{index}.key"), self.prompt,
+                    str(self.config.max_new_tokens),
+                ]  # fmt: skip
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                        stdin=subprocess.DEVNULL,
+                        text=True,
+                        start_new_session=True,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"},
+                        # Real clients run on their own machines: here they must not take the
+                        # node's CPU, only its queue.
+                        preexec_fn=_lowest_cpu_priority,
+                    )
+                )
+            deadline = time.monotonic() + ready_timeout
+            for process in processes:
+                line = ""
+                while process.stdout is not None and time.monotonic() < deadline:
+                    line = process.stdout.readline()
+                    if line.startswith("ready") or not line:
+                        break
+                if not line.startswith("ready"):
+                    raise NodeUnavailable("a free load client did not start generating")
+            yield
+        finally:
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(10)
+
+
+def _lowest_cpu_priority() -> None:
+    os.nice(19)
+
+
+def _free_client() -> None:
+    """Entry of a load process: generate through one node forever (killed by its parent)."""
+    model_dir, peer, node, key, prompt, tokens = sys.argv[1:7]
+    config = ClientConfig(
+        initial_peers=(peer,), identity=Path(key), allow=frozenset([node]), step_timeout=120.0
+    )
+    generation = GenerationConfig(max_new_tokens=int(tokens), stop_at_eos=False)
+    with DistributedModelForCausalLM.from_pretrained(
+        Path(model_dir), config=config, checks=None
+    ) as model:
+        first = True
+        while True:
+            step_times(model, prompt, generation)
+            if first:
+                print("ready", flush=True)
+                first = False
