@@ -33,7 +33,13 @@ from corolla.ledger.records import (
     read_request,
     signed_digest,
 )
-from corolla.ledger.rules import SignedPair, VerifiedAttestation, VerifiedStep, verify_pairs
+from corolla.ledger.rules import (
+    ECHOED_FIELDS,
+    SignedPair,
+    VerifiedAttestation,
+    VerifiedStep,
+    verify_pairs,
+)
 from corolla.verify.digests import GENESIS_CHAIN
 from corolla.verify.identity import peer_name_of
 from corolla.verify.receipts import MAX_BLOCK, SESSION_ID_SIZE, Receipt, StepRequest
@@ -230,19 +236,7 @@ def _verify_attestation(
     check_signature(receipt.node_key, attestation.receipt_bytes, receipt.signature)
     request_digest = signed_digest(request, attestation.request_bytes)
     verifier = peer_name_of(receipt.node_key)
-    for field in (
-        "protocol_version",
-        "model_digest",
-        "span_digest",
-        "start",
-        "end",
-        "session_id",
-        "step",
-        "position",
-        "tokens",
-        "client_key",
-        "input_digest",
-    ):
+    for field in ECHOED_FIELDS:
         if getattr(receipt, field) != getattr(request, field):
             raise BadReceipt(f"verifier {verifier}'s receipt: {field} differs from the request")
     if receipt.request_digest != request_digest:

@@ -64,7 +64,7 @@ Standing = Callable[[bytes], tuple[bool, int]]
 """``key -> (slashed, reputation)`` of an account (``(False, 0)`` for an unknown key)."""
 
 # Fields a receipt repeats from its request (the binding check when no chain is available).
-_ECHOED = (
+ECHOED_FIELDS = (
     "protocol_version",
     "model_digest",
     "span_digest",
@@ -389,7 +389,7 @@ def _check_binding(
     """The receipt's own signature and its binding to the request."""
     check_signature(receipt.node_key, receipt_bytes, receipt.signature)
     node = peer_name_of(receipt.node_key)
-    for field in _ECHOED:
+    for field in ECHOED_FIELDS:
         if getattr(receipt, field) != getattr(request, field):
             raise BadReceipt(f"receipt from node {node}: {field} differs from the request")
     if receipt.request_digest != request_digest:
