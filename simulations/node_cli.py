@@ -18,8 +18,11 @@ from corolla.node.run_cli import (
     IdentityOption,
     IdleTimeoutOption,
     InitialPeersOption,
+    LedgerKeyOption,
     LedgerOption,
     MaxCacheTokensOption,
+    MaxFreeQueueOption,
+    MaxQueueOption,
     MaxRequestBytesOption,
     ModelOption,
     NumBlocksOption,
@@ -28,6 +31,7 @@ from corolla.node.run_cli import (
     RefreshPeriodOption,
     node_config,
 )
+from corolla.node.scheduler import SchedulerConfig
 from corolla.node.server import DEFAULT_IDENTITY, run_node
 from corolla.node.sessions import SessionConfig
 from corolla.node.wire import WireLimits
@@ -77,6 +81,7 @@ SeedOption = Annotated[
 
 _DEFAULT_LIMITS = WireLimits()
 _DEFAULT_SESSIONS = SessionConfig()
+_DEFAULT_QUEUE = SchedulerConfig()
 
 
 @simulate_app.command("node")
@@ -95,6 +100,9 @@ def node(
     idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout,
     max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes,
     ledger: LedgerOption = None,
+    ledger_key: LedgerKeyOption = None,
+    max_queue: MaxQueueOption = _DEFAULT_QUEUE.max_queue,
+    max_free_queue: MaxFreeQueueOption = _DEFAULT_QUEUE.max_free_queue,
     perturbation: PerturbationOption = None,
     cheat_with: CheatWithOption = None,
     cheat_fraction: CheatFractionOption = None,
@@ -128,6 +136,9 @@ def node(
         idle_timeout=idle_timeout,
         max_request_bytes=max_request_bytes,
         ledger=ledger,
+        ledger_key=ledger_key,
+        max_queue=max_queue,
+        max_free_queue=max_free_queue,
     )
     typer.echo(f"simulated adversary: {behaviour.describe()}")
     run_node(config, behaviour)
