@@ -137,22 +137,19 @@ class Swarm:
 
     async def route(self, model_digest: bytes, num_blocks: int, start: int, end: int) -> list[Hop]:
         """The cheapest usable chain over [start, end); the view is refreshed once if none."""
-        for fresh in (False, True):
-            records = await self.servers(model_digest, num_blocks, fresh=fresh)
-            await self.measure(records)
-            try:
-                return find_route(
-                    records,
-                    start,
-                    end,
-                    rtts=self.rtts,
-                    usable=self.usable,
-                    subspans=self.config.subspans,
-                )
-            except RouteUnavailable:
-                if fresh:
-                    raise
-        raise RouteUnavailable("unreachable")  # the loop always returns or raises
+        try:
+            return await self._route_once(model_digest, num_blocks, start, end, fresh=False)
+        except RouteUnavailable:
+            return await self._route_once(model_digest, num_blocks, start, end, fresh=True)
+
+    async def _route_once(
+        self, model_digest: bytes, num_blocks: int, start: int, end: int, *, fresh: bool
+    ) -> list[Hop]:
+        records = await self.servers(model_digest, num_blocks, fresh=fresh)
+        await self.measure(records)
+        return find_route(
+            records, start, end, rtts=self.rtts, usable=self.usable, subspans=self.config.subspans
+        )
 
     async def shutdown(self) -> None:
         if self._closed:
