@@ -54,7 +54,6 @@ from corolla.node.records import (
 from corolla.node.service import BENCHMARK_UNSIGNED_ENV, Behaviour, NodeService, ServiceConfig
 from corolla.node.settlement import Settlement, fetch_ledger_key
 from corolla.node.span import Span, load_span
-from corolla.node.wire import NAMESPACE
 from corolla.verify.identity import Identity, load_or_create_identity, peer_name_of
 
 __all__ = [
@@ -378,7 +377,7 @@ async def _serve(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(announcer.store(service, NodeState.OFFLINE), 10)
         with contextlib.suppress(Exception):
-            await service.remove_p2p_handlers(p2p, namespace=NAMESPACE)
+            await service.remove_handlers(p2p)
         if settlement is not None:
             with contextlib.suppress(Exception):
                 await settlement.final()

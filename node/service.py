@@ -32,6 +32,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -39,20 +40,24 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035
 
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
 from corolla import PROTOCOL_VERSION, __version__
 from corolla.errors import CorollaError, InvalidInput
 from corolla.node.behaviour import BENCHMARK_UNSIGNED_ENV, Behaviour, unsigned_signer
+from corolla.node.framing import StreamError, read_part, write_parts
 from corolla.node.records import NodeState
 from corolla.node.scheduler import Priority, PriorityScheduler, SchedulerConfig
 from corolla.node.sessions import Session, SessionConfig, SessionTable
 from corolla.node.span import Span
 from corolla.node.tickets import HonouredTicket, TicketBook, TicketConfig, block_tokens
 from corolla.node.wire import (
+    HANDLE_INFERENCE,
     KIND_FORWARD,
     KIND_OPEN,
+    MESSAGE_CAP_BYTES,
     NAMESPACE,
     PRIORITY_FREE,
     PRIORITY_HIGH,
@@ -118,12 +123,21 @@ class NodeService(ServicerBase):
         self.throughput = 0.0
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         self.scheduler = PriorityScheduler(self.config.scheduler, self._compute)
+        self._local_id: PeerID | None = None
 
-    async def add_handlers(self, p2p: object) -> None:
-        """Register the rpc_* handlers under the protocol's namespace."""
+    async def add_handlers(self, p2p: P2P) -> None:
+        """Register the handlers: ``rpc_info``/``rpc_forward`` as hivemind protobuf handlers
+        under the protocol's namespace, inference streams as a raw stream handler."""
         if type(self).__name__ != SERVICE_NAME:
             raise InvalidInput(f"the service class must be named {SERVICE_NAME}")
-        await self.add_p2p_handlers(p2p, namespace=NAMESPACE)  # type: ignore[arg-type]
+        self._local_id = p2p.peer_id
+        await self.add_p2p_handlers(p2p, namespace=NAMESPACE)
+        await p2p.add_binary_stream_handler(HANDLE_INFERENCE, self._serve_inference)
+
+    async def remove_handlers(self, p2p: P2P) -> None:
+        """Stop accepting requests (streams already open keep going until they end)."""
+        await self.remove_p2p_handlers(p2p, namespace=NAMESPACE)
+        await p2p.remove_binary_stream_handler(HANDLE_INFERENCE)
 
     def shutdown(self) -> None:
         """Refuse what is queued and stop the compute thread (call on the event loop)."""
@@ -190,9 +204,27 @@ class NodeService(ServicerBase):
             yield part
         await _linger()
 
-    async def rpc_inference(
+    async def _serve_inference(
+        self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One inference stream (``rpc_inference``): each reply goes out in a single write."""
+        context = P2PContext(HANDLE_INFERENCE, self._local_id, info.peer_id)
+        limits = self.config.limits
+        replies = self._inference(_requests_from(reader), context)
+        try:
+            async for reply in replies:
+                parts = encode_message(reply, runtime_pb2.ExpertResponse, limits.part_bytes)
+                await write_parts(writer, parts)
+        except (ConnectionError, OSError):
+            pass  # the client hung up; the session is freed below
+        finally:
+            await replies.aclose()
+            writer.close()
+
+    async def _inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    ) -> AsyncIterator[Message]:
+        """The replies to one stream's messages: open once, then steps, until the stream ends."""
         limits = self.config.limits
         idle = self.config.sessions.idle_timeout
         session: Session[StepOutput] | None = None
@@ -227,11 +259,10 @@ class NodeService(ServicerBase):
                 if ending is not None:
                     if session is not None:
                         self.sessions.close(session.session_id)
-                    yield _part(ending.to_message(), limits)
+                    yield ending.to_message()
                     await _linger()
                     return
-                for part in encode_message(reply, runtime_pb2.ExpertResponse, limits.part_bytes):
-                    yield part
+                yield reply
         finally:
             if session is not None:
                 self.sessions.close(session.session_id)
@@ -370,7 +401,14 @@ class NodeService(ServicerBase):
     ) -> StepOutput:
         """Queue the computation in its class; NodeBusy at once if the queue has no room."""
         compute = functools.partial(self._compute_step, request, hidden, span, session)
-        return await self.scheduler.run(priority, compute)
+        return await self.scheduler.run(priority, compute, self._expected_seconds(request))
+
+    def _expected_seconds(self, request: StepRequest) -> float:
+        """How long ``request`` should take, from the throughput measured at startup."""
+        if self.throughput <= 0:
+            return math.inf
+        share = (request.end - request.start) / self.span.num_blocks
+        return request.tokens * share / self.throughput
 
     def _compute_step(
         self,
@@ -420,6 +458,13 @@ async def _linger() -> None:
     await asyncio.sleep(LINGER_SECONDS)
 
 
-def _part(message: Message, limits: WireLimits) -> runtime_pb2.ExpertResponse:
-    (part,) = encode_message(message, runtime_pb2.ExpertResponse, limits.part_bytes)
-    return part
+async def _requests_from(reader: asyncio.StreamReader) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    """The request parts of a raw stream until it ends (a hang-up mid-frame is an end too)."""
+    while True:
+        try:
+            part = await read_part(reader, runtime_pb2.ExpertRequest, MESSAGE_CAP_BYTES)
+        except (asyncio.IncompleteReadError, ConnectionError, StreamError):
+            return
+        if part is None:
+            return
+        yield part

@@ -19,6 +19,7 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.errors import InvalidInput, NodeUnavailable, RemoteError
+from corolla.node.framing import END_OF_STREAM, StreamError, read_part, write_parts
 from corolla.node.wire import (
     HANDLE_FORWARD,
     HANDLE_INFERENCE,
@@ -27,6 +28,7 @@ from corolla.node.wire import (
     KIND_FORWARD,
     KIND_INFO,
     KIND_STEP,
+    MESSAGE_CAP_BYTES,
     ErrorReply,
     Message,
     NodeInfo,
@@ -150,19 +152,18 @@ class InferenceStream:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         while True:
             try:
-                part, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
-            except asyncio.IncompleteReadError:
+                part = await read_part(reader, runtime_pb2.ExpertResponse, MESSAGE_CAP_BYTES)
+            except StreamError as error:
+                raise P2PHandlerError(str(error)) from None
+            if part is None:
                 return
-            if error is not None:
-                raise P2PHandlerError(error.message)
             yield part
 
     async def send_parts(self, parts: Sequence[runtime_pb2.ExpertRequest]) -> None:
-        """Send raw protobuf parts (for tests of malformed input)."""
+        """Send protobuf parts in one write (tests use it to send malformed input)."""
         await self._connect()
         try:
-            for part in parts:
-                await P2P.send_protobuf(part, self._writer)
+            await write_parts(self._writer, parts)  # type: ignore[arg-type]
         except (*_TRANSPORT_ERRORS, RuntimeError) as error:
             await self._die(f"stream to node {self.peer_id} broke: {error!r}")
 
@@ -204,7 +205,7 @@ class InferenceStream:
         """End the stream politely: the node frees the session and ends its side."""
         if self._writer is not None and self._dead is None:
             with contextlib.suppress(Exception):
-                await P2P.send_protobuf(P2P.END_OF_STREAM, self._writer)
+                self._writer.write(END_OF_STREAM)
                 async with asyncio.timeout(timeout):
                     async for _ in self._parts:  # type: ignore[union-attr]
                         pass

@@ -84,7 +84,7 @@ async def serving(p2p: P2P, span: Span, config: ServiceConfig):
     try:
         yield service
     finally:
-        await service.remove_p2p_handlers(p2p, namespace="corolla")
+        await service.remove_handlers(p2p)
         service.shutdown()
 
 

@@ -78,7 +78,7 @@ def serve(daemons, span):
         try:
             yield service
         finally:
-            await service.remove_p2p_handlers(server, namespace="corolla")
+            await service.remove_handlers(server)
             service.shutdown()
 
     return running

@@ -70,7 +70,7 @@ async def _serving(daemons, span, unsigned: bool):
     try:
         yield service
     finally:
-        await service.remove_p2p_handlers(server, namespace="corolla")
+        await service.remove_handlers(server)
         service.shutdown()
 
 

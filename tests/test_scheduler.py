@@ -125,3 +125,26 @@ async def test_closing_refuses_the_waiting_and_the_running_jobs(executor):
     for job in (blocker, waiting):
         with pytest.raises(NodeBusy, match="shutting down"):
             await job
+
+
+async def test_an_idle_scheduler_runs_a_cheap_job_on_the_loop_and_a_costly_one_on_the_executor(
+    executor,
+):
+    scheduler = PriorityScheduler(SchedulerConfig(inline_seconds=0.01), executor)
+    loop_thread = threading.get_ident()
+    assert await scheduler.run(Priority.FREE, threading.get_ident, seconds=0.001) == loop_thread
+    assert await scheduler.run(Priority.FREE, threading.get_ident, seconds=0.5) != loop_thread
+    assert await scheduler.run(Priority.FREE, threading.get_ident) != loop_thread  # unknown cost
+
+
+async def test_a_cheap_job_queues_behind_a_running_one_instead_of_running_on_the_loop(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(inline_seconds=0.01), executor)
+    gate = threading.Event()
+    blocker = await _blocked(scheduler, gate)
+    loop_thread = threading.get_ident()
+    cheap = asyncio.ensure_future(scheduler.run(Priority.HIGH, threading.get_ident, seconds=0))
+    await asyncio.sleep(0.01)
+    assert not cheap.done()
+    gate.set()
+    assert await cheap != loop_thread
+    await blocker

@@ -11,6 +11,7 @@ little-endian, so digests agree across machines.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import TYPE_CHECKING
 
@@ -41,15 +42,23 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
         raise InvalidInput(f"can only digest a torch.Tensor, not {type(tensor).__name__}")
     if tensor.layout is not torch.strided or tensor.is_quantized or tensor.is_meta:
         raise InvalidInput("can only digest a dense tensor with materialised values")
-    dtype_name = str(tensor.dtype).removeprefix("torch.")
     # The header is canonical, hence prefix-free, and fixes the byte length that follows.
-    header = canonical([_TENSOR_DOMAIN, dtype_name, list(tensor.shape)])
-    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
+    header = _header(tensor.dtype, tuple(tensor.shape))
+    flat = tensor.detach()
+    if flat.device.type != "cpu" or flat.is_conj() or flat.is_neg() or not flat.is_contiguous():
+        flat = flat.to("cpu").resolve_conj().resolve_neg().contiguous()
+    flat = flat.reshape(-1)
     # Viewing as uint8 reinterprets any element type (bf16 has no numpy dtype) without a copy.
     raw = flat.view(torch.uint8).numpy()
     hasher = hashlib.sha256(header)
     hasher.update(raw.data)
     return hasher.digest()
+
+
+@functools.lru_cache(maxsize=256)
+def _header(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return canonical([_TENSOR_DOMAIN, dtype_name, list(shape)])
 
 
 def chain_digest(previous: bytes, step: int, input_digest: bytes, output_digest: bytes) -> bytes:

@@ -102,7 +102,11 @@ def _schema(cls: type) -> dict[str, _Spec]:
 
 
 class _SignedRecord:
-    """Validation, signing bytes and (de)serialisation shared by the two record types."""
+    """Validation, signing bytes and (de)serialisation shared by the two record types.
+
+    Records are immutable, so their encodings are computed once and kept (a step's request is
+    encoded for signing, for the wire and for its digest, on both sides of the wire).
+    """
 
     __slots__ = ()
     _DOMAIN: ClassVar[str]
@@ -120,15 +124,32 @@ class _SignedRecord:
     def _fields(self) -> dict[str, Any]:
         return {field: getattr(self, field) for field in _schema(type(self))}
 
+    def _remember(self, name: str, value: bytes) -> bytes:
+        object.__setattr__(self, name, value)  # a cache beside the fields, not a field
+        return value
+
     def signing_bytes(self) -> bytes:
         """Canonical, domain-separated bytes of every field but the signature: what is signed."""
+        cached = self.__dict__.get("_signing_bytes")
+        if cached is not None:
+            return cached
         fields = self._fields()
         del fields["signature"]
-        return domain_message(self._DOMAIN, fields)
+        return self._remember("_signing_bytes", domain_message(self._DOMAIN, fields))
 
     def digest(self) -> bytes:
         """32-byte digest of the signed record (signing bytes and signature): its identity."""
-        return domain_digest("signed-" + self._DOMAIN, self.signing_bytes(), self.signature)
+        cached = self.__dict__.get("_digest")
+        if cached is not None:
+            return cached
+        digest = domain_digest("signed-" + self._DOMAIN, self.signing_bytes(), self.signature)
+        return self._remember("_digest", digest)
+
+    def _sign(self, identity: Identity) -> Self:
+        """This unsigned record, signed by ``identity``; only for records no one else holds yet
+        (the signature is set in place, which keeps the checked fields and cached bytes)."""
+        object.__setattr__(self, "signature", identity.sign(self.signing_bytes()))
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict: ints stay ints, bytes become lowercase hex, None stays None."""
@@ -144,7 +165,12 @@ class _SignedRecord:
 
     def to_bytes(self) -> bytes:
         """Canonical binary form (see :mod:`corolla.verify.encoding`) for the wire."""
-        return domain_message(self._DOMAIN, self._fields())
+        cached = self.__dict__.get("_bytes")
+        if cached is not None and self.signature == cached[1]:
+            return cached[0]
+        encoded = domain_message(self._DOMAIN, self._fields())
+        object.__setattr__(self, "_bytes", (encoded, self.signature))
+        return encoded
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
@@ -158,7 +184,10 @@ class _SignedRecord:
             or len(value[1]) != 1
         ):
             raise InvalidInput(f"bytes are not an encoded {cls.__name__}")
-        return cls._from_mapping(value[1][0], hex_bytes=False)
+        record = cls._from_mapping(value[1][0], hex_bytes=False)
+        # decode() accepts canonical bytes only, so these are exactly what to_bytes() would give
+        object.__setattr__(record, "_bytes", (bytes(data), record.signature))
+        return record
 
     @classmethod
     def _from_mapping(cls, data: object, *, hex_bytes: bool) -> Self:
@@ -179,7 +208,7 @@ class _SignedRecord:
         return cls(**values)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class StepRequest(_SignedRecord):
     """One step a client asks of one node, signed by the client (``client_key``)."""
 
@@ -200,7 +229,7 @@ class StepRequest(_SignedRecord):
     _DOMAIN: ClassVar[str] = "step-request"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Receipt(_SignedRecord):
     """A node's signed statement of the output it computed for one :class:`StepRequest`."""
 
@@ -261,7 +290,7 @@ def sign_request(
         ticket_digest=ticket_digest,
         signature=_UNSIGNED,
     )
-    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signing_bytes()))
+    return unsigned._sign(identity)
 
 
 def verify_request(request: StepRequest) -> None:
@@ -298,7 +327,7 @@ def make_receipt(
         ),
         signature=_UNSIGNED,
     )
-    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signing_bytes()))
+    return unsigned._sign(identity)
 
 
 def verify_receipt(
