@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from hivemind.p2p import PeerID
 from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
@@ -32,6 +33,7 @@ from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.swarm import ClientConfig
 from corolla.node.launcher import LocalSwarm
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.wire import request_info
 
 UNSIGNED = "COROLLA_BENCHMARK_UNSIGNED"
 
@@ -79,12 +81,26 @@ def swarm_figures(
             with DistributedModelForCausalLM.from_pretrained(
                 model_dir, config=config, checks=None
             ) as model:
-                return measure(model.head, model.backbone, args.tokens, args.repeats)
+                figures = measure(model.head, model.backbone, args.tokens, args.repeats)
+                figures["forward_ms"] = nodes_forward_ms(model)
+                return figures
     finally:
         if previous is None:
             os.environ.pop(UNSIGNED, None)
         else:
             os.environ[UNSIGNED] = previous
+
+
+def nodes_forward_ms(model: DistributedModelForCausalLM) -> float:
+    """The sum over the last route's nodes of their median forward pass, as each reports it."""
+    backbone = model.backbone
+    if backbone.last_session is None:
+        return 0.0
+    total_us = 0
+    for hop in backbone.last_session.route:
+        peer = PeerID.from_base58(hop.peer_id)
+        total_us += backbone.run(request_info(backbone.swarm.p2p, peer)).forward_us
+    return total_us / 1000
 
 
 def failover_stall(model_dir: Path, workdir: Path, tokens: int) -> tuple[float, float]:
@@ -175,6 +191,13 @@ def main() -> None:
         unsigned = by_label[f"{name}, no signatures"]["tokens_per_s"]
         console.print(
             f"{name}: signing and checking cost {100 * (1 - signed / unsigned):.1f} % of tokens/s"
+        )
+        forward_ms = by_label[f"{name}, signed + checked"]["forward_ms"]
+        console.print(
+            f"{name}: the nodes' own forward passes take {forward_ms:.2f} ms per step (sum of "
+            f"their medians) against {local['median_ms']:.2f} ms for a whole local step: with "
+            f"free transport and no client work the swarm would still be at most "
+            f"{local['median_ms'] / forward_ms:.2f}x local"
         )
     console.print(
         f"failover: the step during which a node was SIGKILLed took {stalled_step:.3f} s "

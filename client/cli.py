@@ -16,7 +16,7 @@ from corolla.client.generation import Backbone, GenerationConfig, generate
 from corolla.client.head import ClientHead, load_head
 from corolla.client.local import LocalBackbone, even_splits
 from corolla.client.model import DistributedModelForCausalLM
-from corolla.client.priority import PriorityConfig, TicketWallet, trusted_keys
+from corolla.client.priority import DEFAULT_WALLET, PriorityConfig, TicketWallet, trusted_keys
 from corolla.client.remote import RemoteSession
 from corolla.client.reporting import report_session
 from corolla.client.session import WorkRecord
@@ -112,6 +112,14 @@ def generate_command(
     fallback_free: bool = typer.Option(
         False, "--fallback-free", help="With --priority high: use the free route if no trusted one."
     ),
+    ticket_budget: int = typer.Option(
+        PriorityConfig.budget,
+        "--ticket-budget",
+        help="With --priority high: block-tokens (= points) a newly bought ticket holds.",
+    ),
+    wallet: Path = typer.Option(
+        DEFAULT_WALLET, "--wallet", help="With --priority high: where bought tickets are kept."
+    ),
 ) -> None:
     """Generate text after PROMPT, streamed to the terminal as it is produced."""
     if not prompt:
@@ -153,7 +161,13 @@ def generate_command(
                 step_timeout=step_timeout,
             )
             paid = (
-                PriorityConfig(ledger_url=ledger, min_reputation=min_reputation)
+                PriorityConfig(
+                    ledger_url=ledger,
+                    budget=ticket_budget,
+                    min_budget_left=min(ticket_budget, PriorityConfig.min_budget_left),
+                    min_reputation=min_reputation,
+                    wallet=wallet,
+                )
                 if priority == "high" and ledger is not None
                 else None
             )
@@ -221,6 +235,8 @@ def _swarm_summary(session: RemoteSession) -> dict[str, object]:
             {"peer_id": hop.peer_id, "blocks": [hop.start, hop.end]} for hop in session.route
         ],
         "verified_receipts": len(session.work),
+        "priority": dict(session.granted),
+        "priority_notes": list(session.priority_notes),
         "spot_checks": [
             {
                 "peer_id": c.peer_id,
@@ -251,6 +267,12 @@ def _print_summary(summary: dict[str, object]) -> None:
     )
     _status.print(f"route: {route}")
     _status.print(f"verified receipts: {summary['verified_receipts']}")
+    granted = summary["priority"]
+    if any(level == "high" for level in granted.values()):  # type: ignore[attr-defined]
+        levels = ", ".join(f"{peer[-8:]} {level}" for peer, level in granted.items())  # type: ignore[attr-defined]
+        _status.print(f"priority: {levels}")
+    for note in summary["priority_notes"]:  # type: ignore[attr-defined]
+        _status.print(f"[yellow]priority note from {note}[/yellow]")
     checks = summary["spot_checks"]
     verdicts = Counter(check["verdict"] for check in checks)  # type: ignore[index,union-attr]
     if checks:

@@ -55,6 +55,16 @@ class RemoteSession:
     def rewinds(self) -> list[CheckOutcome]:
         return self.core.rewinds
 
+    @property
+    def granted(self) -> dict[str, str]:
+        """Peer id -> the priority its steps ran at last ("high" or "free")."""
+        return self.core.granted
+
+    @property
+    def priority_notes(self) -> list[str]:
+        """Why a node did not (or no longer) honour the session's ticket, one note per cause."""
+        return self.core.priority_notes
+
 
 class RemoteBackbone:
     """Every block of a model, served by the swarm."""

@@ -36,7 +36,13 @@ from corolla.errors import (
 from corolla.ledger.tickets import Ticket
 from corolla.node.behaviour import BENCHMARK_UNSIGNED_ENV, unsigned_signer
 from corolla.node.manifest import Manifest
-from corolla.node.wire import InferenceStream, OpenSession, StepMessage
+from corolla.node.wire import (
+    PRIORITY_FREE,
+    PRIORITY_HIGH,
+    InferenceStream,
+    OpenSession,
+    StepMessage,
+)
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.evidence import StepClaim
 from corolla.verify.identity import Identity
@@ -203,9 +209,15 @@ class SwarmSession:
             await stream.abort()
             raise
         self.granted[hop.peer_id] = opened.priority
-        if opened.note:
-            self.priority_notes.append(f"{hop.peer_id}: {opened.note}")
+        if opened.priority != PRIORITY_HIGH:  # why the ticket was not honoured
+            self._note_priority(hop, opened.note)
         return _Link(hop, stream, self.manifest.span_digest(hop.start, hop.end))
+
+    def _note_priority(self, hop: Hop, note: str) -> None:
+        """Keep a node's word on why the ticket was not honoured (each note once)."""
+        text = f"{hop.peer_id}: {note}"
+        if note and text not in self.priority_notes:
+            self.priority_notes.append(text)
 
     async def _forward(self, link: _Link, x: torch.Tensor) -> torch.Tensor:
         """Send x through one node; return its output only if the receipt checks out."""
@@ -247,6 +259,9 @@ class SwarmSession:
         link.position += tokens
         link.chain = reply.receipt.chain_digest
         self.work.append(WorkRecord(hop.peer_id, request, reply.receipt))
+        if reply.note:  # the step ran at free priority: the ticket no longer pays on this node
+            self.granted[hop.peer_id] = PRIORITY_FREE
+            self._note_priority(hop, reply.note)
         return y
 
     # ------------------------------------------------------------------ routing and failover

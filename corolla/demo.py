@@ -3,12 +3,15 @@
 A ledger (with a referee that holds the model), four honest nodes and one cheating node on
 127.0.0.1; a client generates through them with spot-checks on, a node dies half-way, the
 cheater is caught by a spot-check, routed around and its text regenerated; the client reports
-the work to the ledger, which slashes the cheater and pays the honest nodes; then the ledger is
-audited. Everything is stopped at the end, also on Ctrl-C.
+the work to the ledger, which slashes the cheater and pays the honest nodes; a node that earned
+spends points on a ticket, and a paid and a free client generate side by side through a node
+loaded by free clients; then the ledger is audited. Everything is stopped at the end, also on
+Ctrl-C.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -36,6 +39,7 @@ from corolla.node.launcher import LocalSwarm, NodeProcess
 from corolla.node.manifest import load_manifest
 from corolla.node.span import load_span
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.scenarios import FreeLoad, earn_until, paid_vs_free, ticket_budget
 from corolla.verify.identity import load_or_create_identity
 
 __all__ = ["register", "run_demo"]
@@ -54,7 +58,13 @@ def _ensure_model(models: Path, family: str) -> Path:
 
 
 def run_demo(
-    directory: Path, family: str, prompt: str, max_new_tokens: int, kill_one: bool, cheat: bool
+    directory: Path,
+    family: str,
+    prompt: str,
+    max_new_tokens: int,
+    kill_one: bool,
+    cheat: bool,
+    priority: bool = True,
 ) -> None:
     if family not in ("bloom", "llama"):
         raise InvalidInput(f"unknown family {family!r} (choose bloom or llama)")
@@ -104,6 +114,8 @@ def run_demo(
                         report = report_session(api, session.work, session.checks)
                     _show_report(report)
                     _show_nodes(api, swarm, roles, session)
+            if priority:
+                _paid_and_free(swarm, model_dir, ledger.url, scratch, prompt, num_blocks)
             with _console.status("auditing the ledger"):
                 result = audit(HttpSource(ledger.url))
             _console.print(
@@ -191,6 +203,42 @@ def _show_report(report: ReportSummary) -> None:
         _console.print(f"evidence refused: {refusal}")
 
 
+def _paid_and_free(
+    swarm: LocalSwarm, model_dir: Path, ledger_url: str, scratch: Path, prompt: str, blocks: int
+) -> None:
+    """A node that earned buys a ticket; it and a free client generate side by side through a
+    new node loaded by free clients (each its own low-priority process)."""
+    config = GenerationConfig(max_new_tokens=16, stop_at_eos=False)
+    budget = ticket_budget(model_dir, prompt, config, blocks)
+    with _console.status("earning enough points for a ticket"):
+        key = scratch / "earner.key"
+        payer, points = earn_until(swarm, model_dir, ledger_url, key, budget, prompt)
+    with _console.status("starting a node for every block, to be loaded by free clients"):
+        busy = swarm.start(model_dir, blocks=f"0:{blocks}", extra_args=["--ledger", ledger_url])
+    (scratch / "load").mkdir()
+    load = FreeLoad(swarm, model_dir, scratch / "load", busy.peer_id, prompt, config)
+    with _console.status(f"3 free clients load node {busy.peer_id[-8:]}; paid and free generate"):
+        run = paid_vs_free(load, payer.identity, ledger_url, budget, clients=3)
+    bought = run.ticket
+    _console.print(
+        f"node {payer.peer_id[-8:]} spends {bought.cost} of its {points} points on a ticket "
+        f"for {bought.ticket.budget} block-tokens"
+    )
+    table = Table(title=f"one node serving all blocks, loaded by {run.free_clients} free clients")
+    for column in ("client", "ran at", "ms per token (median)", "p90"):
+        table.add_column(column)
+    for name, times, ran_at in (
+        ("paid (ticket)", run.paid_times, run.ran_at),
+        ("free", run.free_times, "free"),
+    ):
+        ordered = sorted(times)
+        median, p90 = statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))]
+        table.add_row(name, ran_at, f"{1000 * median:.1f}", f"{1000 * p90:.1f}")
+    _console.print(table)
+    same = "[green]yes[/green]" if run.same_text else "[red]NO[/red]"
+    _console.print(f"same text for both: {same}; the node redeems the paid steps at the ledger")
+
+
 def _show_nodes(
     api: LedgerClient, swarm: LocalSwarm, roles: dict[str, str], session: RemoteSession
 ) -> None:
@@ -227,11 +275,14 @@ def demo(
     cheat: bool = typer.Option(
         True, "--cheat/--no-cheat", help="Run one cheating node to show it caught and slashed."
     ),
+    priority: bool = typer.Option(
+        True, "--priority/--no-priority", help="Show a paid and a free client on a loaded node."
+    ),
 ) -> None:
     """Run a whole local swarm with a ledger on the bundled tiny model."""
     if max_new_tokens < 2:
         raise InvalidInput("max-new-tokens must be at least 2")
-    run_demo(directory, family, prompt, max_new_tokens, kill_one, cheat)
+    run_demo(directory, family, prompt, max_new_tokens, kill_one, cheat, priority)
 
 
 def register(app: typer.Typer) -> None:

@@ -20,23 +20,29 @@ from pathlib import Path
 import torch
 
 from corolla.client.generation import GenerationConfig
+from corolla.client.head import load_head
 from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.priority import PriorityConfig, TicketWallet, WalletTicket
 from corolla.client.reporting import report_session
 from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig
-from corolla.errors import NodeUnavailable
+from corolla.errors import LedgerError, NodeUnavailable
 from corolla.ledger.client import LedgerClient
 from corolla.node.launcher import LocalSwarm, NodeProcess
+from corolla.node.wire import PRIORITY_FREE
 from corolla.verify.identity import load_or_create_identity
 
 __all__ = [
     "FreeLoad",
+    "PaidVsFree",
     "buy_ticket",
     "client_model",
     "earn_points",
+    "earn_until",
+    "paid_vs_free",
     "richest",
     "step_times",
+    "ticket_budget",
 ]
 
 
@@ -83,6 +89,31 @@ def earn_points(
             session = model.backbone.last_session
             if session is not None:
                 report_session(api, session.work, session.checks)
+
+
+def earn_until(
+    swarm: LocalSwarm,
+    model_dir: Path,
+    ledger_url: str,
+    key: Path,
+    points: int,
+    prompt: str,
+    max_sessions: int = 20,
+) -> tuple[NodeProcess, int]:
+    """Earn (checked sessions, two at a time) until a node holds `points`; that node and its
+    balance. Raises LedgerError if `max_sessions` were not enough."""
+    for _ in range(0, max_sessions + 1, 2):
+        payer, balance = richest(ledger_url, swarm.nodes)
+        if balance >= points:
+            return payer, balance
+        earn_points(swarm, model_dir, ledger_url, key, 2, prompt)
+    raise LedgerError(f"{max_sessions} checked sessions did not earn any node {points} points")
+
+
+def ticket_budget(model_dir: Path, prompt: str, config: GenerationConfig, blocks: int) -> int:
+    """Block-tokens that pay for one generation of `prompt` through `blocks` blocks, twice over."""
+    prompt_tokens = len(load_head(model_dir).tokenizer(prompt).input_ids)
+    return 2 * (prompt_tokens + config.max_new_tokens) * blocks
 
 
 def richest(ledger_url: str, nodes: list[NodeProcess]) -> tuple[NodeProcess, int]:
@@ -159,6 +190,43 @@ class FreeLoad:
                     os.killpg(process.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(10)
+
+
+@dataclass(frozen=True)
+class PaidVsFree:
+    """A ticketed and a free client, one after the other, through the same loaded node."""
+
+    free_clients: int
+    """Free clients loading the node meanwhile."""
+    paid_times: list[float]
+    free_times: list[float]
+    ran_at: str
+    """The priority the paid steps ran at: "high", or "free" with the node's note."""
+    same_text: bool
+    ticket: WalletTicket
+
+
+def paid_vs_free(
+    load: FreeLoad, payer_key: Path, ledger_url: str, budget: int, clients: int
+) -> PaidVsFree:
+    """Buy a ticket of `budget` block-tokens as `payer_key`, then time a ticketed and a free
+    generation through `load.node` while `clients` free clients load it."""
+    bought = buy_ticket(ledger_url, payer_key, budget, load.keys / f"tickets-{clients}.json")
+    swarm, model_dir, node = load.swarm, load.model_dir, load.node
+    with (
+        load.running(clients),
+        client_model(swarm, model_dir, payer_key, allow=node) as paid,
+        client_model(swarm, model_dir, load.keys / "probe.key", allow=node) as free,
+    ):
+        paid.backbone.ticket = bought.ticket
+        paid_tokens, paid_times = step_times(paid, load.prompt, load.config)
+        free_tokens, free_times = step_times(free, load.prompt, load.config)
+        session = paid.backbone.last_session
+        ran_at = session.granted.get(node, PRIORITY_FREE) if session else PRIORITY_FREE
+        if session is not None and session.priority_notes:
+            ran_at += f" ({'; '.join(session.priority_notes)})"
+    same = torch.equal(paid_tokens, free_tokens)
+    return PaidVsFree(clients, paid_times, free_times, ran_at, same, bought)
 
 
 def _lowest_cpu_priority() -> None:

@@ -94,7 +94,7 @@ class NodeProcess:
 
 
 class LocalSwarm:
-    """Nodes started on this machine; the first is the others' initial peer by default."""
+    """Nodes started on this machine; the first one running is the others' initial peer."""
 
     def __init__(self, directory: Path, ready_timeout: float = 90.0) -> None:
         self.directory = Path(directory)
@@ -103,7 +103,9 @@ class LocalSwarm:
 
     @property
     def initial_peers(self) -> list[str]:
-        return [node.maddr for node in self.nodes[:1] if node.maddr]
+        """The multiaddr of the first node still running (the others' way in)."""
+        live = [node.maddr for node in self.nodes if node.maddr and node.process.poll() is None]
+        return live[:1]
 
     def start(
         self,

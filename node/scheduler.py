@@ -83,6 +83,8 @@ class PriorityScheduler:
         self._running: _Job | None = None
         self.served: deque[Served] = deque(maxlen=1024)
         """The last computations started, in the order they started."""
+        self.overtaken = 0
+        """Computations that ticketed ones have overtaken in the queue, since the start."""
 
     def queued(self, priority: Priority | None = None) -> int:
         """Computations waiting (of one class, or all)."""
@@ -140,6 +142,8 @@ class PriorityScheduler:
                 continue
             overtook = sum(1 for other in self._heap if other.arrival < job.arrival)
             self.served.append(Served(Priority(job.priority), job.arrival, overtook))
+            if job.priority == Priority.HIGH:
+                self.overtaken += overtook
             self._running = job
             try:
                 result = await loop.run_in_executor(self._executor, job.run)

@@ -253,6 +253,14 @@ def _interrupt_in(main_pid: int) -> Callable[[int, FrameType | None], None]:
     return handler
 
 
+_GIL_SWITCH_SECONDS = 0.0005
+"""How long the compute thread may hold the GIL while the event loop waits for it (Python's
+default is 5 ms). A forward of small tensors is mostly Python, so under load the loop thread
+waited up to 5 ms per hand-over to read each request, ticketed ones included: with 4 free
+clients a ticketed step took 3.2x its unloaded time at 5 ms and 2.1x at 0.5 ms
+(benchmarks/priority_under_load.py)."""
+
+
 def run_node(config: NodeConfig, behaviour: Behaviour | None = None) -> None:
     """Run a node until SIGINT or SIGTERM; returns after a clean withdrawal.
 
@@ -281,6 +289,8 @@ def run_node(config: NodeConfig, behaviour: Behaviour | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, _interrupt_in(os.getpid()))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.siginterrupt(signum, False)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(_GIL_SWITCH_SECONDS)
     try:
         dht = _start_dht(config, identity)
         try:
@@ -289,6 +299,7 @@ def run_node(config: NodeConfig, behaviour: Behaviour | None = None) -> None:
             dht.shutdown()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.setswitchinterval(switch_interval)
 
 
 async def _serve(

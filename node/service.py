@@ -33,6 +33,9 @@ import dataclasses
 import functools
 import logging
 import math
+import statistics
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -124,6 +127,7 @@ class NodeService(ServicerBase):
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         self.scheduler = PriorityScheduler(self.config.scheduler, self._compute)
         self._local_id: PeerID | None = None
+        self._forwards: deque[float] = deque(maxlen=256)  # seconds of recent forward passes
 
     async def add_handlers(self, p2p: P2P) -> None:
         """Register the handlers: ``rpc_info``/``rpc_forward`` as hivemind protobuf handlers
@@ -170,6 +174,8 @@ class NodeService(ServicerBase):
             version=__version__,
             queued_high=self.scheduler.queued(Priority.HIGH),
             queued_free=self.scheduler.queued(Priority.FREE),
+            forward_us=round(1e6 * statistics.median(self._forwards)) if self._forwards else 0,
+            overtaken=self.scheduler.overtaken,
         )
 
     # ----------------------------------------------------------------------- RPCs
@@ -423,9 +429,11 @@ class NodeService(ServicerBase):
         if not bool(torch.isfinite(hidden).all()):
             raise InvalidInput("the hidden states contain NaN or infinity")
         behaviour = self.behaviour
+        started = time.perf_counter()
         computed = behaviour.compute(
             request, span, hidden, session.cache if session is not None else None
         )
+        self._forwards.append(time.perf_counter() - started)
         output = behaviour.output(request.step, request, hidden, computed)
         previous = session.chain if session is not None else GENESIS_CHAIN
         receipt = behaviour.sign_receipt(self._signer, request, tensor_digest(output), previous)

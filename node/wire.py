@@ -540,6 +540,10 @@ class NodeInfo:
     """Ticketed computations waiting in the node's queue (0 from nodes that do not say)."""
     queued_free: int = 0
     """Free computations waiting in the node's queue."""
+    forward_us: int = 0
+    """Median wall time of the node's recent forward passes, in microseconds (0: none yet)."""
+    overtaken: int = 0
+    """Queued computations that ticketed ones have overtaken since the node started."""
 
     def __post_init__(self) -> None:
         _check_str("peer_id", self.peer_id)
@@ -559,6 +563,8 @@ class NodeInfo:
             "protocol",
             "queued_high",
             "queued_free",
+            "forward_us",
+            "overtaken",
         ):
             _check_int(name, getattr(self, name), 0)
         if not isinstance(self.throughput, float | int) or not 0 <= self.throughput < 1e12:
@@ -578,7 +584,7 @@ class NodeInfo:
         return cls(**fields)
 
 
-_INFO_OPTIONAL = frozenset({"queued_high", "queued_free"})
+_INFO_OPTIONAL = frozenset({"queued_high", "queued_free", "forward_us", "overtaken"})
 
 
 def milli(value: float) -> int:

@@ -224,10 +224,13 @@ async def test_info_describes_the_span_and_the_room_left(daemons, serve, span):
         assert info.public_key == service.identity.public_key
         assert info.peer_id == server.peer_id.to_base58()
         assert (info.dtype, info.quant, info.protocol) == ("float32", "none", PROTOCOL_VERSION)
+        assert info.forward_us == 0  # nothing computed yet
         client = Client(span, batch_size=2, max_length=100)
-        async with session(daemons, service, client):
+        async with session(daemons, service, client) as stream:
             info = await request_info(peer, server.peer_id)
             assert (info.cache_tokens_free, info.sessions) == (800, 1)
+            await stream.step(client.step(client.hidden(tokens=3), step=0, position=0))
+            assert (await request_info(peer, server.peer_id)).forward_us > 0
 
 
 async def test_forward_over_more_than_4_mib_equals_a_local_forward(daemons, serve, span):

@@ -94,6 +94,7 @@ async def test_served_records_how_many_waiting_jobs_each_overtook(executor):
         (Priority.FREE, 0),
         (Priority.FREE, 0),
     ]
+    assert scheduler.overtaken == 2
 
 
 async def test_a_request_that_leaves_the_queue_frees_its_place(executor):

@@ -229,6 +229,8 @@ async def test_typed_messages_round_trip():
         version="0.1.0",
         queued_high=1,
         queued_free=7,
+        forward_us=1234,
+        overtaken=5,
     )
     assert NodeInfo.from_message(await _round_trip(info.to_message())) == info
 
