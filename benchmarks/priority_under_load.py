@@ -12,7 +12,6 @@ client's latency as a ratio to its unloaded latency (target: within 1.5x).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -25,14 +24,9 @@ from corolla.client.generation import GenerationConfig
 from corolla.ledger.process import LedgerProcess
 from corolla.node.launcher import LocalSwarm
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
-from corolla.scenarios import FreeLoad, earn_until, paid_vs_free, ticket_budget
+from corolla.scenarios import FreeLoad, earn_until, latency_ms, paid_vs_free, ticket_budget
 
 PROMPT = "Priority under load"
-
-
-def quantiles(times: list[float]) -> tuple[float, float]:
-    ordered = sorted(times)
-    return 1000 * statistics.median(ordered), 1000 * ordered[int(0.9 * (len(ordered) - 1))]
 
 
 def main() -> None:
@@ -77,7 +71,7 @@ def main() -> None:
                 if not run.same_text:
                     raise RuntimeError("the ticketed and the free client generated different text")
                 rows.append(
-                    (clients, quantiles(run.paid_times), quantiles(run.free_times), run.ran_at)
+                    (clients, latency_ms(run.paid_times), latency_ms(run.free_times), run.ran_at)
                 )
     table = Table(
         title=f"decode-step latency through one node, tiny BLOOM {args.layers} x "

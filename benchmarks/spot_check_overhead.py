@@ -28,6 +28,7 @@ from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig
 from corolla.node.launcher import LocalSwarm
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.verify.receipts import work_units
 
 RATES = (0.0, 0.01, 0.05, 0.20)
 
@@ -40,11 +41,9 @@ def run(model: DistributedModelForCausalLM, tokens: int) -> tuple[float, int, in
     model.generate(input_ids, config)
     elapsed = time.perf_counter() - started
     session = model.backbone.last_session
-    generated = sum(w.request.tokens * (w.request.end - w.request.start) for w in session.work)
+    generated = sum(work_units(w.request) for w in session.work)
     recomputed = sum(
-        r.request.tokens * (r.request.end - r.request.start)
-        for check in session.checks
-        for r in check.recomputations
+        work_units(r.request) for check in session.checks for r in check.recomputations
     )
     return elapsed, generated, recomputed
 

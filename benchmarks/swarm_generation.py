@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from hivemind.p2p import PeerID
 from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
@@ -33,7 +32,6 @@ from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.swarm import ClientConfig
 from corolla.node.launcher import LocalSwarm
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
-from corolla.node.wire import request_info
 
 UNSIGNED = "COROLLA_BENCHMARK_UNSIGNED"
 
@@ -96,11 +94,8 @@ def nodes_forward_ms(model: DistributedModelForCausalLM) -> float:
     backbone = model.backbone
     if backbone.last_session is None:
         return 0.0
-    total_us = 0
-    for hop in backbone.last_session.route:
-        peer = PeerID.from_base58(hop.peer_id)
-        total_us += backbone.run(request_info(backbone.swarm.p2p, peer)).forward_us
-    return total_us / 1000
+    route = backbone.last_session.route
+    return sum(backbone.node_info(hop.peer_id).forward_us for hop in route) / 1000
 
 
 def failover_stall(model_dir: Path, workdir: Path, tokens: int) -> tuple[float, float]:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
+from hivemind.p2p import PeerID
 
 from corolla.client.routing import Hop
 from corolla.client.runtime import BackgroundLoop
@@ -15,6 +16,7 @@ from corolla.client.spotcheck import CheckOutcome, SpotCheckConfig, SpotChecker
 from corolla.client.swarm import Swarm
 from corolla.ledger.tickets import Ticket
 from corolla.node.manifest import Manifest
+from corolla.node.wire import NodeInfo, request_info
 from corolla.verify.identity import Identity
 
 __all__ = ["RemoteBackbone", "RemoteSession"]
@@ -91,6 +93,11 @@ class RemoteBackbone:
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the client's loop (for swarm queries from synchronous code)."""
         return self._loop.run(coroutine)
+
+    def node_info(self, peer_id: str, timeout: float = 10.0) -> NodeInfo:
+        """What a node says of itself (``rpc_info``): span, room, queue, forward time."""
+        peer = PeerID.from_base58(peer_id)
+        return self.run(request_info(self.swarm.p2p, peer, timeout=timeout))
 
     @contextmanager
     def inference_session(self, batch_size: int, max_length: int) -> Iterator[RemoteSession]:

@@ -11,7 +11,6 @@ Ctrl-C.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections import Counter
@@ -39,7 +38,7 @@ from corolla.node.launcher import LocalSwarm, NodeProcess
 from corolla.node.manifest import load_manifest
 from corolla.node.span import load_span
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
-from corolla.scenarios import FreeLoad, earn_until, paid_vs_free, ticket_budget
+from corolla.scenarios import FreeLoad, earn_until, latency_ms, paid_vs_free, ticket_budget
 from corolla.verify.identity import load_or_create_identity
 
 __all__ = ["register", "run_demo"]
@@ -231,9 +230,8 @@ def _paid_and_free(
         ("paid (ticket)", run.paid_times, run.ran_at),
         ("free", run.free_times, "free"),
     ):
-        ordered = sorted(times)
-        median, p90 = statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))]
-        table.add_row(name, ran_at, f"{1000 * median:.1f}", f"{1000 * p90:.1f}")
+        median, p90 = latency_ms(times)
+        table.add_row(name, ran_at, f"{median:.1f}", f"{p90:.1f}")
     _console.print(table)
     same = "[green]yes[/green]" if run.same_text else "[red]NO[/red]"
     _console.print(f"same text for both: {same}; the node redeems the paid steps at the ledger")

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ __all__ = [
     "client_model",
     "earn_points",
     "earn_until",
+    "latency_ms",
     "paid_vs_free",
     "richest",
     "step_times",
@@ -73,6 +75,12 @@ def step_times(
         input_ids, config, on_tokens=lambda _: stamps.append(time.perf_counter())
     )
     return tokens, [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def latency_ms(step_seconds: list[float]) -> tuple[float, float]:
+    """The median and the 90th percentile of per-step times, in milliseconds."""
+    ordered = sorted(step_seconds)
+    return 1000 * statistics.median(ordered), 1000 * ordered[int(0.9 * (len(ordered) - 1))]
 
 
 def earn_points(

@@ -29,6 +29,7 @@ rejects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -55,7 +56,7 @@ from corolla.node.records import NodeState
 from corolla.node.scheduler import Priority, PriorityScheduler, SchedulerConfig
 from corolla.node.sessions import Session, SessionConfig, SessionTable
 from corolla.node.span import Span
-from corolla.node.tickets import HonouredTicket, TicketBook, TicketConfig, block_tokens
+from corolla.node.tickets import HonouredTicket, TicketBook, TicketConfig
 from corolla.node.wire import (
     HANDLE_INFERENCE,
     KIND_FORWARD,
@@ -80,7 +81,7 @@ from corolla.node.wire import (
 )
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
-from corolla.verify.receipts import StepRequest, verify_request
+from corolla.verify.receipts import StepRequest, verify_request, work_units
 
 __all__ = ["BENCHMARK_UNSIGNED_ENV", "Behaviour", "NodeService", "ServiceConfig"]
 
@@ -208,7 +209,7 @@ class NodeService(ServicerBase):
             reply = ErrorReply.from_error(error).to_message()
         for part in encode_message(reply, runtime_pb2.ExpertResponse, limits.part_bytes):
             yield part
-        await _linger()
+        await _linger(requests)
 
     async def _serve_inference(
         self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -266,7 +267,7 @@ class NodeService(ServicerBase):
                     if session is not None:
                         self.sessions.close(session.session_id)
                     yield ending.to_message()
-                    await _linger()
+                    await _linger(requests)
                     return
                 yield reply
         finally:
@@ -358,7 +359,7 @@ class NodeService(ServicerBase):
             reply = await self._run(request, hidden, session.span, session, priority)
         except BaseException:
             if honoured is not None:  # not served: the ticket does not pay for it
-                self.tickets.refund(honoured, block_tokens(request))
+                self.tickets.refund(honoured, work_units(request))
             raise
         if honoured is not None and not self.unsigned:
             self.tickets.record(honoured, request, reply.receipt)
@@ -378,7 +379,7 @@ class NodeService(ServicerBase):
         if request.ticket_digest != honoured.digest:
             note = "the request does not name the session's ticket: this step ran at free priority"
             return Priority.FREE, None, note
-        problem = self.tickets.charge(honoured, block_tokens(request))
+        problem = self.tickets.charge(honoured, work_units(request))
         if problem is not None:
             session.ticket = None
             logger.info("session %s drops to free priority: %s", session.session_id.hex(), problem)
@@ -456,14 +457,18 @@ def _refusal(error: CorollaError, context: P2PContext) -> Message:
     return ErrorReply.from_error(error).to_message()
 
 
-async def _linger() -> None:
+async def _linger(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
     """Before ending a stream right after a reply, give the client time to read it and hang up.
 
     The libp2p daemon can drop the last message of a stream closed at once after writing it
-    (seen about once in 200 one-shot calls); the client closing first avoids that. When it does,
-    hivemind cancels this wait.
+    (seen about once in 200 one-shot calls); the client closing first avoids that. The wait ends
+    when the client's side of the stream does (anything it still sends is dropped), or after
+    ``LINGER_SECONDS``.
     """
-    await asyncio.sleep(LINGER_SECONDS)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            async for _ in requests:
+                pass
 
 
 async def _requests_from(reader: asyncio.StreamReader) -> AsyncIterator[runtime_pb2.ExpertRequest]:

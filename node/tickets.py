@@ -33,7 +33,7 @@ from corolla.errors import CorollaError, InvalidInput
 from corolla.ledger.tickets import Ticket, verify_ticket
 from corolla.verify.encoding import decode
 from corolla.verify.identity import PUBLIC_KEY_SIZE, peer_name_of
-from corolla.verify.receipts import Receipt, StepRequest
+from corolla.verify.receipts import Receipt, StepRequest, work_units
 
 __all__ = [
     "Admission",
@@ -41,7 +41,6 @@ __all__ = [
     "HonouredTicket",
     "TicketBook",
     "TicketConfig",
-    "block_tokens",
     "decode_ticket",
     "parse_ledger_key",
 ]
@@ -66,11 +65,6 @@ def parse_ledger_key(text: str) -> bytes:
 def decode_ticket(raw: bytes) -> Ticket:
     """The ticket in ``raw`` (``canonical(ticket.to_value())``); :class:`InvalidInput` if not."""
     return Ticket.from_value(decode(raw, max_items=_TICKET_ITEMS))
-
-
-def block_tokens(request: StepRequest) -> int:
-    """What a step costs a ticket: its tokens (over the batch) times its blocks."""
-    return request.tokens * (request.end - request.start)
 
 
 @dataclass(frozen=True)
@@ -236,7 +230,7 @@ class TicketBook:
 
     def record(self, honoured: HonouredTicket, request: StepRequest, receipt: Receipt) -> None:
         """Keep a charged step's pair for redemption (dropping the oldest beyond the cap)."""
-        self._keep([Earned(request, receipt, honoured.ticket.price, block_tokens(request))])
+        self._keep([Earned(request, receipt, honoured.ticket.price, work_units(request))])
 
     # ------------------------------------------------------------------ settlement
 

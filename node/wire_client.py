@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
@@ -191,7 +191,6 @@ class InferenceStream:
                 await self.abort()
             raise reply.to_exception(str(self.peer_id))
         await self._die(reason)
-        raise AssertionError("unreachable")  # _die raises
 
     async def open(self, request: OpenSession, timeout: float = 30.0) -> SessionOpened:
         await self.send(request.to_message())
@@ -220,7 +219,7 @@ class InferenceStream:
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
 
-    async def _die(self, reason: str) -> None:
+    async def _die(self, reason: str) -> NoReturn:
         self._dead = reason
         await self.abort()
         raise NodeUnavailable(reason, str(self.peer_id))

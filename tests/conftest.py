@@ -1,10 +1,14 @@
-"""Shared fixtures: tiny deterministic checkpoints, made once per test session."""
+"""Shared fixtures: tiny deterministic checkpoints (made once per test session) and a pair of
+hivemind daemons on 127.0.0.1 (once per test module)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+from hivemind.p2p import P2P
 from transformers.utils import logging as hf_logging
 
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
@@ -42,3 +46,17 @@ def llama_dir(model_dirs: dict[str, Path]) -> Path:
 @pytest.fixture(params=["bloom", "llama"])
 def family_dir(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> Path:
     return model_dirs[request.param]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def daemons() -> AsyncIterator[tuple[P2P, P2P]]:
+    """(server, client): the client's daemon knows the server's; both shut down at the end."""
+    server = await P2P.create()
+    try:
+        client = await P2P.create(initial_peers=await server.get_visible_maddrs())
+        try:
+            yield server, client
+        finally:
+            await client.shutdown()
+    finally:
+        await server.shutdown()

@@ -85,6 +85,35 @@ def make_pairs(
     return pairs
 
 
+def random_pair(
+    client: Identity,
+    node: Identity,
+    *,
+    start: int,
+    end: int,
+    step: int,
+    position: int,
+    tokens: int,
+    ticket: bytes | None = None,
+) -> tuple[StepRequest, Receipt]:
+    """One signed step (request and receipt) at the given place, every digest random."""
+    request = sign_request(
+        client,
+        protocol_version=1,
+        model_digest=secrets.token_bytes(32),
+        span_digest=secrets.token_bytes(32),
+        start=start,
+        end=end,
+        session_id=secrets.token_bytes(16),
+        step=step,
+        position=position,
+        tokens=tokens,
+        input_digest=secrets.token_bytes(32),
+        ticket_digest=ticket,
+    )
+    return request, make_receipt(node, request, secrets.token_bytes(32), GENESIS_CHAIN)
+
+
 def attest(
     client: Identity,
     verifier: Identity,

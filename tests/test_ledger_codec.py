@@ -5,18 +5,18 @@ hashes computed from stored payload bytes."""
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ledger_fixtures import random_pair
 
 from corolla.errors import InvalidInput
 from corolla.ledger.canonical import encode
 from corolla.ledger.entries import Entry, raw_leaf_hash
 from corolla.ledger.records import chain_digest, read_receipt, read_request, signed_digest
-from corolla.verify import GENESIS_CHAIN, Identity, make_receipt, sign_request
+from corolla.verify import GENESIS_CHAIN, Identity, sign_request
 from corolla.verify.digests import chain_digest as reference_chain_digest
 from corolla.verify.encoding import INT_MAX, INT_MIN, canonical
 from corolla.verify.receipts import MAX_BLOCK, MAX_TOKENS
@@ -65,21 +65,16 @@ def test_records_read_from_the_wire_equal_the_decoded_ones(
     start: int, width: int, step: int, position: int, tokens: int, ticket: bytes | None
 ) -> None:
     client, node = Identity.from_seed(bytes(32)), Identity.from_seed(bytes(31) + b"\x01")
-    request = sign_request(
+    request, receipt = random_pair(
         client,
-        protocol_version=1,
-        model_digest=secrets.token_bytes(32),
-        span_digest=secrets.token_bytes(32),
+        node,
         start=start,
         end=min(start + width, MAX_BLOCK),
-        session_id=secrets.token_bytes(16),
         step=step,
         position=position,
         tokens=tokens,
-        input_digest=secrets.token_bytes(32),
-        ticket_digest=ticket,
+        ticket=ticket,
     )
-    receipt = make_receipt(node, request, secrets.token_bytes(32), GENESIS_CHAIN)
     for record, read in ((request, read_request), (receipt, read_receipt)):
         found, signing = read(record.to_bytes())
         assert found == record and signing == record.signing_bytes()

@@ -5,7 +5,6 @@ validly signed pairs with extreme field values. No answer is a 5xx; every 4xx sa
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +14,11 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from ledger_fixtures import LedgerServer, attest, running_server
+from ledger_fixtures import LedgerServer, attest, random_pair, running_server
 
 from corolla.errors import CorollaError
 from corolla.ledger.envelope import sign_envelope
 from corolla.ledger.reports import report_body
-from corolla.verify import GENESIS_CHAIN, make_receipt, sign_request
 from corolla.verify.encoding import INT_MAX, canonical
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import MAX_BLOCK, MAX_TOKENS
@@ -114,21 +112,16 @@ def test_signed_pairs_with_extreme_values_get_an_answer_not_a_crash(
     ticket: bytes | None,
 ) -> None:
     client, node = Identity.generate(), Identity.generate()
-    request = sign_request(
+    request, receipt = random_pair(
         client,
-        protocol_version=1,
-        model_digest=secrets.token_bytes(32),
-        span_digest=secrets.token_bytes(32),
+        node,
         start=start,
         end=min(start + width, MAX_BLOCK),
-        session_id=secrets.token_bytes(16),
         step=step,
         position=position,
         tokens=tokens,
-        input_digest=secrets.token_bytes(32),
-        ticket_digest=ticket,
+        ticket=ticket,
     )
-    receipt = make_receipt(node, request, secrets.token_bytes(32), GENESIS_CHAIN)
     check = attest(client, Identity.generate(), [(request, receipt)])
     reported = report_body([(request, receipt)], [check])
     redeemed = {"pairs": [{"request": request.to_dict(), "receipt": receipt.to_dict()}]}

@@ -34,7 +34,7 @@ from corolla.node.scheduler import Priority, SchedulerConfig
 from corolla.node.service import NodeService, ServiceConfig
 from corolla.node.settlement import REDEEMED_PREFIX, Settlement
 from corolla.node.span import Span, load_span
-from corolla.node.tickets import TicketBook, TicketConfig, block_tokens
+from corolla.node.tickets import TicketBook, TicketConfig
 from corolla.node.wire import (
     InferenceStream,
     OpenSession,
@@ -47,7 +47,7 @@ from corolla.node.wire import (
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity, load_identity
-from corolla.verify.receipts import sign_request, verify_receipt
+from corolla.verify.receipts import sign_request, verify_receipt, work_units
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
@@ -420,7 +420,7 @@ async def test_the_ticket_book_keeps_a_bounded_backlog_dropping_the_oldest():
     assert admission.ticket is not None and admission.priority == "high"
     pairs = make_pairs(payer, Identity.generate(), steps=5, ticket=admission.ticket.digest)
     for request, receipt in pairs:
-        assert book.charge(admission.ticket, block_tokens(request)) is None
+        assert book.charge(admission.ticket, work_units(request)) is None
         book.record(admission.ticket, request, receipt)
     assert [item.request.step for item in book.earned] == [2, 3, 4] and book.dropped == 2
     taken = book.take(2)

@@ -13,9 +13,7 @@ import dataclasses
 import os
 
 import pytest
-import pytest_asyncio
 import torch
-from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from corolla import PROTOCOL_VERSION
@@ -51,19 +49,6 @@ TIMEOUT = 30.0
 @pytest.fixture(scope="module")
 def span(bloom_dir) -> Span:
     return load_span(bloom_dir, 0, 2)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def daemons():
-    server = await P2P.create()
-    try:
-        client = await P2P.create(initial_peers=await server.get_visible_maddrs())
-        try:
-            yield server, client
-        finally:
-            await client.shutdown()
-    finally:
-        await server.shutdown()
 
 
 @pytest.fixture

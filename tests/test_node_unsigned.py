@@ -9,9 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import torch
-from hivemind.p2p import P2P
 from swarm_fixtures import Swarm
 
 from corolla import PROTOCOL_VERSION
@@ -29,19 +27,6 @@ from corolla.verify.identity import Identity
 from corolla.verify.receipts import sign_request, verify_receipt
 
 ASYNC = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def daemons():
-    server = await P2P.create()
-    try:
-        client = await P2P.create(initial_peers=await server.get_visible_maddrs())
-        try:
-            yield server, client
-        finally:
-            await client.shutdown()
-    finally:
-        await server.shutdown()
 
 
 def _zero_signed_step(span, session_id: bytes, hidden: torch.Tensor) -> StepMessage:

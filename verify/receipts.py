@@ -108,7 +108,6 @@ class _SignedRecord:
     encoded for signing, for the wire and for its digest, on both sides of the wire).
     """
 
-    __slots__ = ()
     _DOMAIN: ClassVar[str]
     start: int
     end: int
@@ -147,8 +146,10 @@ class _SignedRecord:
 
     def _sign(self, identity: Identity) -> Self:
         """This unsigned record, signed by ``identity``; only for records no one else holds yet
-        (the signature is set in place, which keeps the checked fields and cached bytes)."""
+        (the signature is set in place, which keeps the checked fields and the signing bytes)."""
         object.__setattr__(self, "signature", identity.sign(self.signing_bytes()))
+        for name in ("_bytes", "_digest"):  # both cover the signature
+            self.__dict__.pop(name, None)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,11 +167,9 @@ class _SignedRecord:
     def to_bytes(self) -> bytes:
         """Canonical binary form (see :mod:`corolla.verify.encoding`) for the wire."""
         cached = self.__dict__.get("_bytes")
-        if cached is not None and self.signature == cached[1]:
-            return cached[0]
-        encoded = domain_message(self._DOMAIN, self._fields())
-        object.__setattr__(self, "_bytes", (encoded, self.signature))
-        return encoded
+        if cached is not None:
+            return cached
+        return self._remember("_bytes", domain_message(self._DOMAIN, self._fields()))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
@@ -186,7 +185,7 @@ class _SignedRecord:
             raise InvalidInput(f"bytes are not an encoded {cls.__name__}")
         record = cls._from_mapping(value[1][0], hex_bytes=False)
         # decode() accepts canonical bytes only, so these are exactly what to_bytes() would give
-        object.__setattr__(record, "_bytes", (bytes(data), record.signature))
+        record._remember("_bytes", bytes(data))
         return record
 
     @classmethod
@@ -373,9 +372,10 @@ def verify_receipt(
         raise BadReceipt(f"receipt from node {node} does not extend the session's chain")
 
 
-def work_units(receipt: Receipt) -> int:
-    """The work a receipt proves, in block-tokens: ``tokens * (end - start)``."""
-    return receipt.tokens * (receipt.end - receipt.start)
+def work_units(record: StepRequest | Receipt) -> int:
+    """The work a step asks for (request) or proves (receipt), in block-tokens:
+    ``tokens * (end - start)``; also what the step costs a ticket."""
+    return record.tokens * (record.end - record.start)
 
 
 def write_receipts_jsonl(path: str | os.PathLike[str], receipts: Iterable[Receipt]) -> None:
