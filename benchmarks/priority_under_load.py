@@ -1,6 +1,6 @@
 """Per-token latency of a ticketed and a free client while N free clients load the same node.
 
-    python benchmarks/priority_under_load.py [--loads 0 2 4] [--tokens 24] [--layers 8]
+    python benchmarks/priority_under_load.py [--loads 0 2 4] [--tokens 64] [--layers 8]
 
 One run: a ledger and two nodes serving every block; a client earns points with checked work,
 the node that earned most buys a ticket with them, then for each load N (free clients
@@ -32,7 +32,7 @@ PROMPT = "Priority under load"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loads", type=int, nargs="+", default=[0, 2, 4])
-    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     args = parser.parse_args()

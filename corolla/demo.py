@@ -67,6 +67,9 @@ def run_demo(
 ) -> None:
     if family not in ("bloom", "llama"):
         raise InvalidInput(f"unknown family {family!r} (choose bloom or llama)")
+    # The demo's own tensors are small (a head, a reference run); a second OpenMP thread would
+    # spin between ops on the cores the nodes it starts need.
+    torch.set_num_threads(1)
     model_dir = _ensure_model(directory / "models", family)
     num_blocks = Checkpoint(model_dir).num_blocks
     half = num_blocks // 2

@@ -13,7 +13,7 @@ from typing import cast
 
 import torch
 
-from corolla.node.span import Span, SpanCache
+from corolla.node.span import BetweenBlocks, Span, SpanCache
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest, make_receipt
 
@@ -43,10 +43,16 @@ class Behaviour:
         """Called once with the node's whole span before it serves (load what you need)."""
 
     def compute(
-        self, request: StepRequest, span: Span, hidden: torch.Tensor, cache: SpanCache | None
+        self,
+        request: StepRequest,
+        span: Span,
+        hidden: torch.Tensor,
+        cache: SpanCache | None,
+        between: BetweenBlocks | None = None,
     ) -> torch.Tensor:
-        """The forward pass of ``span`` (the session's blocks) over ``hidden``, with ``cache``."""
-        return span.forward(hidden, cache)
+        """The forward pass of ``span`` (the session's blocks) over ``hidden``, with ``cache``;
+        ``between`` is called after each block (see `Span.forward`)."""
+        return span.forward(hidden, cache, between)
 
     def output(
         self, step: int, request: StepRequest, hidden_in: torch.Tensor, honest: torch.Tensor

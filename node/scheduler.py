@@ -7,18 +7,30 @@ free request; within a class it is first come, first served. The queue is bounde
 requests may fill only part of it, so a flood of free requests gets clear "busy" refusals while
 ticketed ones still find room.
 
+A ticketed request that arrives while a free one is being computed does not wait for it to end:
+computations call :meth:`PriorityScheduler.between_blocks` after each block, and there the
+compute thread runs the waiting ticketed computations before going on with the free one. Blocks'
+weights are read-only and every session has its own cache, so the paused computation resumes
+unchanged; the ticketed one waits at most one block instead of a whole free step.
+
 A computation expected to take under ``inline_seconds`` that arrives at an idle node (nothing
 running, nothing queued) runs at once on the event loop instead: handing a decode step to the
 compute thread and back costs two thread wake-ups, a large share of a small step. Nothing can be
-overtaken when nothing waits, and the loop is blocked no longer than ``inline_seconds``.
+overtaken when nothing waits, and the loop is blocked no longer than ``inline_seconds``. But a
+step on the loop cannot be paused (nor a ticketed request even read) until it ends, so free steps
+stay on the compute thread while the node has seen ticketed work in the last
+``ticketed_recently_seconds``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -46,6 +58,8 @@ class SchedulerConfig:
     """Free computations waiting at most: the rest of the queue is kept for ticketed ones."""
     inline_seconds: float = 0.01
     """An idle node runs a computation expected to take less than this on the event loop."""
+    ticketed_recently_seconds: float = 2.0
+    """Free computations never run on the loop this long after a ticketed one started."""
 
     def __post_init__(self) -> None:
         if self.max_queue < 1 or not 0 <= self.max_free_queue <= self.max_queue:
@@ -81,14 +95,22 @@ class PriorityScheduler:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._running: _Job | None = None
+        # The heap is shared with the compute thread, which takes ticketed jobs between blocks.
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_free_job = threading.local()
+        self._last_ticketed = -math.inf
         self.served: deque[Served] = deque(maxlen=1024)
         """The last computations started, in the order they started."""
         self.overtaken = 0
         """Computations that ticketed ones have overtaken in the queue, since the start."""
+        self.preempted = 0
+        """Times a free computation was paused between blocks for ticketed ones."""
 
     def queued(self, priority: Priority | None = None) -> int:
         """Computations waiting (of one class, or all)."""
-        return sum(1 for job in self._heap if priority is None or job.priority == priority)
+        with self._lock:
+            return sum(1 for job in self._heap if priority is None or job.priority == priority)
 
     async def run(
         self, priority: Priority, function: Callable[[], T], seconds: float = math.inf
@@ -97,7 +119,14 @@ class PriorityScheduler:
 
         NodeBusy at once if there is no room.
         """
-        if seconds < self.config.inline_seconds and self._running is None and not self._heap:
+        if (
+            seconds < self.config.inline_seconds
+            and self._running is None
+            and not self._heap
+            and (priority == Priority.HIGH or not self._ticketed_recently())
+        ):
+            if priority == Priority.HIGH:
+                self._last_ticketed = time.monotonic()
             self.served.append(Served(priority, next(self._arrivals), 0))
             return function()
         if len(self._heap) >= self.config.max_queue:
@@ -107,9 +136,10 @@ class PriorityScheduler:
                 f"busy: {self.config.max_free_queue} free computations queued; "
                 "requests with a ticket go ahead"
             )
-        loop = asyncio.get_running_loop()
-        job = _Job(int(priority), next(self._arrivals), function, loop.create_future())
-        heapq.heappush(self._heap, job)
+        self._loop = asyncio.get_running_loop()
+        job = _Job(int(priority), next(self._arrivals), function, self._loop.create_future())
+        with self._lock:
+            heapq.heappush(self._heap, job)
         self._ensure_worker()
         if self._wakeup is not None:
             self._wakeup.set()
@@ -117,9 +147,10 @@ class PriorityScheduler:
             return await job.future
         except asyncio.CancelledError:
             # The requester left (its stream closed): free its place in the queue at once.
-            if job in self._heap:
-                self._heap.remove(job)
-                heapq.heapify(self._heap)
+            with self._lock:
+                if job in self._heap:
+                    self._heap.remove(job)
+                    heapq.heapify(self._heap)
             raise
 
     def _ensure_worker(self) -> None:
@@ -131,30 +162,69 @@ class PriorityScheduler:
         loop = asyncio.get_running_loop()
         wakeup = self._wakeup
         while True:
-            if not self._heap:
+            with self._lock:
+                job = heapq.heappop(self._heap) if self._heap else None
+                if job is not None and not job.future.done():
+                    self._start(job, running=None)
+            if job is None:
                 if wakeup is None:
                     return
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            job = heapq.heappop(self._heap)
             if job.future.done():
                 continue
-            overtook = sum(1 for other in self._heap if other.arrival < job.arrival)
-            self.served.append(Served(Priority(job.priority), job.arrival, overtook))
-            if job.priority == Priority.HIGH:
-                self.overtaken += overtook
             self._running = job
             try:
-                result = await loop.run_in_executor(self._executor, job.run)
+                result = await loop.run_in_executor(self._executor, self._call, job)
             except Exception as error:  # delivered to the waiting request, not lost
-                if not job.future.done():
-                    job.future.set_exception(error)
+                _deliver(job, None, error)
             else:
-                if not job.future.done():
-                    job.future.set_result(result)
+                _deliver(job, result, None)
             finally:
                 self._running = None
+
+    def _ticketed_recently(self) -> bool:
+        return time.monotonic() - self._last_ticketed < self.config.ticketed_recently_seconds
+
+    def _start(self, job: _Job, running: _Job | None) -> None:
+        """Note that `job` starts (under the lock), overtaking `running` if it pauses it."""
+        overtook = sum(1 for other in self._heap if other.arrival < job.arrival)
+        overtook += running is not None
+        self.served.append(Served(Priority(job.priority), job.arrival, overtook))
+        if job.priority == Priority.HIGH:
+            self.overtaken += overtook
+            self._last_ticketed = time.monotonic()
+
+    def _call(self, job: _Job) -> Any:
+        """On the compute thread: run `job`, pausable between blocks if it is free."""
+        self._in_free_job.job = job if job.priority == Priority.FREE else None
+        try:
+            return job.run()
+        finally:
+            self._in_free_job.job = None
+
+    def between_blocks(self) -> None:
+        """Called by a computation after each block: if it is a free one running on the compute
+        thread and ticketed ones wait, run them now, then return to it."""
+        running: _Job | None = getattr(self._in_free_job, "job", None)
+        if running is None or self._loop is None:
+            return
+        while True:
+            with self._lock:
+                if not self._heap or self._heap[0].priority != Priority.HIGH:
+                    return
+                job = heapq.heappop(self._heap)
+                if job.future.done():
+                    continue
+                self._start(job, running)
+                self.preempted += 1
+            try:
+                result, error = job.run(), None
+            except Exception as failure:  # delivered to the waiting request, not lost
+                result, error = None, failure
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                self._loop.call_soon_threadsafe(_deliver, job, result, error)
 
     def close(self) -> None:
         """Stop: every waiting (and the running) computation gets NodeBusy."""
@@ -164,4 +234,15 @@ class PriorityScheduler:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(NodeBusy("the node is shutting down"))
-        self._heap.clear()
+        with self._lock:
+            self._heap.clear()
+
+
+def _deliver(job: _Job, result: Any, error: BaseException | None) -> None:
+    """On the event loop: hand a job's result (or error) to its requester, if it still waits."""
+    if job.future.done():
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(result)

@@ -431,9 +431,8 @@ class NodeService(ServicerBase):
             raise InvalidInput("the hidden states contain NaN or infinity")
         behaviour = self.behaviour
         started = time.perf_counter()
-        computed = behaviour.compute(
-            request, span, hidden, session.cache if session is not None else None
-        )
+        cache = session.cache if session is not None else None
+        computed = behaviour.compute(request, span, hidden, cache, self.scheduler.between_blocks)
         self._forwards.append(time.perf_counter() - started)
         output = behaviour.output(request.step, request, hidden, computed)
         previous = session.chain if session is not None else GENESIS_CHAIN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from corolla.node.families import Family
 from corolla.node.manifest import Manifest, block_digest, load_manifest
 from corolla.node.quant import Quant, module_bytes, parse_quant, quantize_linears
 
-__all__ = ["Span", "SpanCache", "load_span"]
+__all__ = ["BetweenBlocks", "Span", "SpanCache", "load_span"]
+
+BetweenBlocks = Callable[[], None]
+"""Called after each block of a forward pass (a node runs waiting ticketed work there)."""
 
 
 @dataclass
@@ -92,10 +96,16 @@ class Span:
         return 2 * heads * head_dim * element * self.num_blocks
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, cache: SpanCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None = None,
+        between: BetweenBlocks | None = None,
+    ) -> torch.Tensor:
         """hidden [batch, new, hidden_size] -> [batch, new, hidden_size]; advances `cache`.
 
         Without a cache, runs a one-shot forward over the whole sequence (no state kept).
+        `between`, if given, is called after each block but the last.
         """
         self.check_hidden(hidden)
         batch, new, _ = hidden.shape
@@ -108,7 +118,7 @@ class Span:
                 f"{cache.past_length + new} tokens exceed the model's context of {self.max_length}"
             )
         output = self.family.run_blocks(
-            list(self.blocks), self.config, hidden, cache.cache, cache.past_length
+            list(self.blocks), self.config, hidden, cache.cache, cache.past_length, between
         )
         cache.past_length += new
         return output

@@ -41,7 +41,7 @@ from corolla.errors import InvalidInput
 from corolla.node.behaviour import Behaviour
 from corolla.node.checkpoint import Checkpoint
 from corolla.node.quant import parse_quant, quantize_linears
-from corolla.node.span import Span, SpanCache, load_span
+from corolla.node.span import BetweenBlocks, Span, SpanCache, load_span
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest, make_receipt
 
@@ -185,12 +185,17 @@ class _Substitute(Behaviour):
         self.substitute = self.make_substitute(span)
 
     def compute(
-        self, request: StepRequest, span: Span, hidden: torch.Tensor, cache: SpanCache | None
+        self,
+        request: StepRequest,
+        span: Span,
+        hidden: torch.Tensor,
+        cache: SpanCache | None,
+        between: BetweenBlocks | None = None,
     ) -> torch.Tensor:
         if self.substitute is None:
             raise InvalidInput(f"the {self.name} adversary was never attached to a span")
         # The session's cache holds the substitute's keys and values: a consistent wrong model.
-        return self.substitute.subspan(span.start, span.end).forward(hidden, cache)
+        return self.substitute.subspan(span.start, span.end).forward(hidden, cache, between)
 
 
 class WrongModel(_Substitute):
@@ -307,9 +312,14 @@ class Selective(Behaviour):
         self.inner.attach(span)
 
     def compute(
-        self, request: StepRequest, span: Span, hidden: torch.Tensor, cache: SpanCache | None
+        self,
+        request: StepRequest,
+        span: Span,
+        hidden: torch.Tensor,
+        cache: SpanCache | None,
+        between: BetweenBlocks | None = None,
     ) -> torch.Tensor:
-        return self._for(request).compute(request, span, hidden, cache)
+        return self._for(request).compute(request, span, hidden, cache, between)
 
     def output(
         self, step: int, request: StepRequest, hidden_in: torch.Tensor, honest: torch.Tensor

@@ -16,6 +16,7 @@ import io
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from corolla.cli import main
 from corolla.errors import NodeBusy
 from corolla.ledger.client import AsyncLedgerClient, LedgerClient
 from corolla.ledger.tickets import Ticket, issue_ticket
+from corolla.node.behaviour import Behaviour
 from corolla.node.scheduler import Priority, SchedulerConfig
 from corolla.node.service import NodeService, ServiceConfig
 from corolla.node.settlement import REDEEMED_PREFIX, Settlement
@@ -266,6 +268,63 @@ async def test_a_ticketed_session_is_served_ahead_of_free_load(daemons, span):
         assert statistics.median(paid.latencies) < statistics.median(free.latencies)
         assert service.tickets.used(paid.ticket.digest()) == (4 + 8) * 2
         assert len(service.tickets.earned) == 9 and not paid.notes
+
+
+class _Traced(Behaviour):
+    """Honest, but it notes when each step starts and ends, and a free step's first block
+    boundary waits (bounded) until a ticketed step is queued behind it."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.ticketed_waiting: Callable[[], bool] = lambda: False
+
+    def compute(self, request, span, hidden, cache, between=None):
+        kind = "paid" if request.ticket_digest is not None else "free"
+        first_boundary = [kind == "free"]
+
+        def boundary() -> None:
+            if first_boundary.pop() if first_boundary else False:
+                deadline = time.monotonic() + TIMEOUT
+                while not self.ticketed_waiting() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            if between is not None:
+                between()
+
+        self.events.append(f"{kind} starts")
+        output = super().compute(request, span, hidden, cache, boundary)
+        self.events.append(f"{kind} ends")
+        return output
+
+
+async def test_a_ticketed_step_runs_between_the_blocks_of_a_free_step_already_running(
+    daemons, span
+):
+    node, _, peer = daemons
+    payer = Identity.generate()
+    traced = _Traced()
+    service = NodeService(span, Identity.generate(), trusting(inline_seconds=0), traced)
+    traced.ticketed_waiting = lambda: service.scheduler.queued(Priority.HIGH) > 0
+    await service.add_handlers(node)
+    try:
+        paid, free = Client(span, payer, ticket_for(payer)), Client(span)
+        key = service.identity.public_key
+        async with (
+            session(peer, node, paid) as (paid_stream, _),
+            session(peer, node, free) as (free_stream, _),
+        ):
+            await paid.run(paid_stream, key, 4)
+            traced.events.clear()
+            free_step = asyncio.create_task(free.run(free_stream, key, 4))
+            await until(lambda: traced.events == ["free starts"])
+            await paid.run(paid_stream, key, 1)  # checked against the local span, as the free one
+            await free_step
+        # The paid step ran whole inside the free one, at its block boundary (2 blocks: one).
+        assert traced.events == ["free starts", "paid starts", "paid ends", "free ends"]
+        assert service.scheduler.preempted == 1
+        assert list(service.scheduler.served)[-1] == (Priority.HIGH, 2, 1)  # past the free one
+    finally:
+        await service.remove_handlers(node)
+        service.shutdown()
 
 
 async def test_a_flood_of_free_requests_is_refused_busy_while_the_node_stays_responsive(

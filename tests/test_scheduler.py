@@ -149,3 +149,124 @@ async def test_a_cheap_job_queues_behind_a_running_one_instead_of_running_on_the
     gate.set()
     assert await cheap != loop_thread
     await blocker
+
+
+def _blocks(
+    scheduler: PriorityScheduler, name: str, order: list[str], gate: threading.Event, count: int = 3
+):
+    """A job of `count` "blocks" that waits for `gate` after its first one, like a span forward
+    calling `between_blocks` after each block but the last."""
+
+    def run() -> str:
+        for index in range(count):
+            if index:
+                scheduler.between_blocks()
+            order.append(f"{name}-{index}")
+            if index == 0:
+                gate.wait(5)
+        return name
+
+    return run
+
+
+async def _started(scheduler: PriorityScheduler, count: int) -> None:
+    while len(scheduler.served) < count:
+        await asyncio.sleep(0.001)
+
+
+async def test_a_ticketed_job_runs_between_two_blocks_of_a_running_free_one(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+    order: list[str] = []
+    gate = threading.Event()
+    free = asyncio.ensure_future(
+        scheduler.run(Priority.FREE, _blocks(scheduler, "free", order, gate))
+    )
+    await _started(scheduler, 1)
+    queued_free = asyncio.ensure_future(scheduler.run(Priority.FREE, lambda: order.append("next")))
+    paid = [
+        asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda n=n: order.append(f"paid-{n}")))
+        for n in (1, 2)
+    ]
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await free == "free"
+    await asyncio.gather(queued_free, *paid)
+    # Both ticketed jobs ran at the first block boundary; the queued free job after the free one.
+    assert order == ["free-0", "paid-1", "paid-2", "free-1", "free-2", "next"]
+    assert scheduler.preempted == 2
+    overtook = [(job.priority, job.overtook) for job in scheduler.served]
+    assert overtook == [
+        (Priority.FREE, 0),
+        (Priority.HIGH, 2),  # the running free job and the queued one
+        (Priority.HIGH, 2),
+        (Priority.FREE, 0),
+    ]
+    assert scheduler.overtaken == 4
+
+
+async def test_a_running_ticketed_job_is_not_paused_for_another_ticketed_one(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+    order: list[str] = []
+    gate = threading.Event()
+    first = asyncio.ensure_future(
+        scheduler.run(Priority.HIGH, _blocks(scheduler, "paid-1", order, gate))
+    )
+    await _started(scheduler, 1)
+    second = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: order.append("paid-2")))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(first, second)
+    assert order == ["paid-1-0", "paid-1-1", "paid-1-2", "paid-2"]
+    assert scheduler.preempted == 0
+
+
+async def test_a_ticketed_job_failing_between_blocks_reports_its_error_and_the_free_one_ends(
+    executor,
+):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+    order: list[str] = []
+    gate = threading.Event()
+    free = asyncio.ensure_future(
+        scheduler.run(Priority.FREE, _blocks(scheduler, "free", order, gate))
+    )
+    await _started(scheduler, 1)
+
+    def fail() -> None:
+        raise ValueError("broken ticketed step")
+
+    paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, fail))
+    await asyncio.sleep(0.01)
+    gate.set()
+    with pytest.raises(ValueError, match="broken ticketed step"):
+        await paid
+    assert await free == "free"
+    assert order == ["free-0", "free-1", "free-2"]
+
+
+async def test_between_blocks_outside_a_free_job_on_the_compute_thread_does_nothing(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(inline_seconds=0.01), executor)
+    scheduler.between_blocks()  # no job at all
+    order: list[str] = []
+    gate = threading.Event()
+    gate.set()
+    # A cheap job on an idle node runs on the loop, where nothing can be waiting meanwhile.
+    cheap = _blocks(scheduler, "inline", order, gate)
+    assert await scheduler.run(Priority.FREE, cheap, seconds=0) == "inline"
+    assert scheduler.preempted == 0
+
+
+async def test_after_ticketed_work_cheap_free_jobs_stay_on_the_compute_thread_to_be_pausable(
+    executor,
+):
+    scheduler = PriorityScheduler(
+        SchedulerConfig(inline_seconds=0.01, ticketed_recently_seconds=60), executor
+    )
+    loop_thread = threading.get_ident()
+    assert await scheduler.run(Priority.FREE, threading.get_ident, seconds=0) == loop_thread
+    assert await scheduler.run(Priority.HIGH, threading.get_ident, seconds=0) == loop_thread
+    assert await scheduler.run(Priority.FREE, threading.get_ident, seconds=0) != loop_thread
+    forgetful = PriorityScheduler(
+        SchedulerConfig(inline_seconds=0.01, ticketed_recently_seconds=0), executor
+    )
+    await forgetful.run(Priority.HIGH, threading.get_ident, seconds=0)
+    assert await forgetful.run(Priority.FREE, threading.get_ident, seconds=0) == loop_thread

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +96,10 @@ class Family(ABC):
         hidden: torch.Tensor,
         cache: DynamicCache | None,
         past_length: int,
+        between: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Run `blocks` in order on hidden [batch, new, hidden] after `past_length` tokens."""
+        """Run `blocks` in order on hidden [batch, new, hidden] after `past_length` tokens,
+        calling `between` (if given) after each block but the last."""
 
     @abstractmethod
     def build_head(self, config: PretrainedConfig) -> tuple[Head, dict[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +37,16 @@ class _Bloom(Family):
         hidden: torch.Tensor,
         cache: DynamicCache | None,
         past_length: int,
+        between: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         batch, new, _ = hidden.shape  # batch, new tokens, hidden
         total = past_length + new
         ones = torch.ones(batch, total, dtype=torch.long)
         alibi = build_alibi_tensor(ones, config.n_head, hidden.dtype)  # batch*heads, 1, total
         mask = causal_mask(batch, new, past_length, hidden.dtype)  # batch, 1, new, total
-        for block in blocks:
+        for index, block in enumerate(blocks):
+            if index and between is not None:
+                between()
             hidden = block(
                 hidden, alibi=alibi, attention_mask=mask, layer_past=cache, use_cache=True
             )[0]

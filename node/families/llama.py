@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,15 @@ class _Llama(Family):
         hidden: torch.Tensor,
         cache: DynamicCache | None,
         past_length: int,
+        between: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         batch, new, _ = hidden.shape  # batch, new tokens, hidden
         positions = torch.arange(past_length, past_length + new).expand(batch, new)
         cos, sin = _rotary(config)(hidden, positions)  # batch, new, head_dim each
         mask = sdpa_causal_mask(batch, new, past_length)  # None or batch, 1, new, total
-        for block in blocks:
+        for index, block in enumerate(blocks):
+            if index and between is not None:
+                between()
             hidden = block(
                 hidden,
                 attention_mask=mask,
