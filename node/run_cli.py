@@ -1,14 +1,18 @@
 """``corolla node run``: serve a span of a model to the swarm until Ctrl-C or SIGTERM.
 
-:func:`register_node_run` adds the command to the ``corolla node`` sub-app. The options are
-declared once here (``*Option`` aliases) and turned into a :class:`NodeConfig` by
-:func:`node_config`, so ``corolla simulate node`` offers exactly the same ones.
+:func:`register_node_run` adds the command to the ``corolla node`` sub-app. The node's options
+are declared once, as the parameters of :func:`node_config` (which validates them into a
+:class:`NodeConfig`); :func:`with_node_options` makes a command of any ``f(config, ...)`` that
+takes them all, so ``corolla simulate node`` offers exactly the same ones.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,26 +25,7 @@ from corolla.node.sessions import SessionConfig
 from corolla.node.tickets import TicketConfig, parse_ledger_key
 from corolla.node.wire import WireLimits
 
-__all__ = [
-    "BlocksOption",
-    "HostOption",
-    "IdentityOption",
-    "IdleTimeoutOption",
-    "InitialPeersOption",
-    "LedgerKeyOption",
-    "LedgerOption",
-    "MaxCacheTokensOption",
-    "MaxFreeQueueOption",
-    "MaxQueueOption",
-    "MaxRequestBytesOption",
-    "ModelOption",
-    "NumBlocksOption",
-    "PortOption",
-    "QuantOption",
-    "RefreshPeriodOption",
-    "node_config",
-    "register_node_run",
-]
+__all__ = ["node_config", "register_node_run", "with_node_options"]
 
 ModelOption = Annotated[
     Path, typer.Option("--model", help="Checkpoint directory (a Hugging Face model).")
@@ -115,22 +100,22 @@ _DEFAULT_QUEUE = SchedulerConfig()
 
 def node_config(
     *,
-    model: Path,
-    blocks: str | None,
-    num_blocks: int | None,
-    initial_peers: list[str] | None,
-    host: str,
-    port: int,
-    identity: Path,
-    quant: str,
-    max_cache_tokens: int,
-    refresh_period: float,
-    idle_timeout: float,
-    max_request_bytes: int,
-    ledger: str | None = None,
-    ledger_key: str | None = None,
-    max_queue: int = _DEFAULT_QUEUE.max_queue,
-    max_free_queue: int = _DEFAULT_QUEUE.max_free_queue,
+    model: ModelOption,
+    blocks: BlocksOption = None,
+    num_blocks: NumBlocksOption = None,
+    initial_peers: InitialPeersOption = None,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 0,
+    identity: IdentityOption = DEFAULT_IDENTITY,
+    quant: QuantOption = "none",
+    max_cache_tokens: MaxCacheTokensOption = _DEFAULT_SESSIONS.max_cache_tokens,
+    refresh_period: RefreshPeriodOption = 30.0,
+    idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout,
+    max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes,
+    ledger: LedgerOption = None,
+    ledger_key: LedgerKeyOption = None,
+    max_queue: MaxQueueOption = _DEFAULT_QUEUE.max_queue,
+    max_free_queue: MaxFreeQueueOption = _DEFAULT_QUEUE.max_free_queue,
 ) -> NodeConfig:
     """The :class:`NodeConfig` the command-line options describe (validated)."""
     peers = tuple(peer for value in initial_peers or () for peer in value.replace(",", " ").split())
@@ -169,43 +154,35 @@ def node_config(
     )
 
 
-def run(
-    model: ModelOption,
-    blocks: BlocksOption = None,
-    num_blocks: NumBlocksOption = None,
-    initial_peers: InitialPeersOption = None,
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 0,
-    identity: IdentityOption = DEFAULT_IDENTITY,
-    quant: QuantOption = "none",
-    max_cache_tokens: MaxCacheTokensOption = _DEFAULT_SESSIONS.max_cache_tokens,
-    refresh_period: RefreshPeriodOption = 30.0,
-    idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout,
-    max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes,
-    ledger: LedgerOption = None,
-    ledger_key: LedgerKeyOption = None,
-    max_queue: MaxQueueOption = _DEFAULT_QUEUE.max_queue,
-    max_free_queue: MaxFreeQueueOption = _DEFAULT_QUEUE.max_free_queue,
-) -> None:
-    """Serve blocks of a model to the swarm; prints the multiaddr others join with."""
-    config = node_config(
-        model=model,
-        blocks=blocks,
-        num_blocks=num_blocks,
-        initial_peers=initial_peers,
-        host=host,
-        port=port,
-        identity=identity,
-        quant=quant,
-        max_cache_tokens=max_cache_tokens,
-        refresh_period=refresh_period,
-        idle_timeout=idle_timeout,
-        max_request_bytes=max_request_bytes,
-        ledger=ledger,
-        ledger_key=ledger_key,
-        max_queue=max_queue,
-        max_free_queue=max_free_queue,
+def with_node_options(command: Callable[..., None]) -> Callable[..., None]:
+    """A typer command taking every option of :func:`node_config` and the parameters of
+    ``command(config, ...)`` after the first; ``command`` gets the validated NodeConfig."""
+    node_parameters = inspect.signature(node_config, eval_str=True).parameters
+    own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+    clash = sorted(set(node_parameters) & {parameter.name for parameter in own})
+    if clash:
+        raise TypeError(f"{command.__name__} redeclares node options: {', '.join(clash)}")
+    merged = [*node_parameters.values(), *own]
+    # Parameters without a default first, as Python requires; all keyword-only, as typer passes.
+    ordered = [p for p in merged if p.default is p.empty]
+    ordered += [p for p in merged if p.default is not p.empty]
+
+    @functools.wraps(command)
+    def wrapper(**options: Any) -> None:
+        node_options = {name: options.pop(name) for name in node_parameters}
+        command(node_config(**node_options), **options)
+
+    wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in ordered]
     )
+    del wrapper.__wrapped__  # typer must read the merged signature, not command's
+    wrapper.__annotations__ = {p.name: p.annotation for p in ordered}
+    return wrapper
+
+
+@with_node_options
+def run(config: NodeConfig) -> None:
+    """Serve blocks of a model to the swarm; prints the multiaddr others join with."""
     run_node(config)
 
 

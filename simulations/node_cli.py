@@ -12,29 +12,8 @@ from typing import Annotated
 
 import typer
 
-from corolla.node.run_cli import (
-    BlocksOption,
-    HostOption,
-    IdentityOption,
-    IdleTimeoutOption,
-    InitialPeersOption,
-    LedgerKeyOption,
-    LedgerOption,
-    MaxCacheTokensOption,
-    MaxFreeQueueOption,
-    MaxQueueOption,
-    MaxRequestBytesOption,
-    ModelOption,
-    NumBlocksOption,
-    PortOption,
-    QuantOption,
-    RefreshPeriodOption,
-    node_config,
-)
-from corolla.node.scheduler import SchedulerConfig
-from corolla.node.server import DEFAULT_IDENTITY, run_node
-from corolla.node.sessions import SessionConfig
-from corolla.node.wire import WireLimits
+from corolla.node.run_cli import with_node_options
+from corolla.node.server import NodeConfig, run_node
 from corolla.simulations.adversaries import ADVERSARIES, AdversaryOptions, make_behaviour
 
 __all__ = ["register_simulate", "simulate_app"]
@@ -79,30 +58,12 @@ SeedOption = Annotated[
     int | None, typer.Option("--seed", help="Seed of the adversary's random choices (default 0).")
 ]
 
-_DEFAULT_LIMITS = WireLimits()
-_DEFAULT_SESSIONS = SessionConfig()
-_DEFAULT_QUEUE = SchedulerConfig()
-
 
 @simulate_app.command("node")
+@with_node_options
 def node(
-    model: ModelOption,
+    config: NodeConfig,
     adversary: AdversaryOption,
-    blocks: BlocksOption = None,
-    num_blocks: NumBlocksOption = None,
-    initial_peers: InitialPeersOption = None,
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 0,
-    identity: IdentityOption = DEFAULT_IDENTITY,
-    quant: QuantOption = "none",
-    max_cache_tokens: MaxCacheTokensOption = _DEFAULT_SESSIONS.max_cache_tokens,
-    refresh_period: RefreshPeriodOption = 30.0,
-    idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout,
-    max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes,
-    ledger: LedgerOption = None,
-    ledger_key: LedgerKeyOption = None,
-    max_queue: MaxQueueOption = _DEFAULT_QUEUE.max_queue,
-    max_free_queue: MaxFreeQueueOption = _DEFAULT_QUEUE.max_free_queue,
     perturbation: PerturbationOption = None,
     cheat_with: CheatWithOption = None,
     cheat_fraction: CheatFractionOption = None,
@@ -122,24 +83,6 @@ def node(
         seed=seed,
     )
     behaviour = make_behaviour(adversary, options)
-    config = node_config(
-        model=model,
-        blocks=blocks,
-        num_blocks=num_blocks,
-        initial_peers=initial_peers,
-        host=host,
-        port=port,
-        identity=identity,
-        quant=quant,
-        max_cache_tokens=max_cache_tokens,
-        refresh_period=refresh_period,
-        idle_timeout=idle_timeout,
-        max_request_bytes=max_request_bytes,
-        ledger=ledger,
-        ledger_key=ledger_key,
-        max_queue=max_queue,
-        max_free_queue=max_free_queue,
-    )
     typer.echo(f"simulated adversary: {behaviour.describe()}")
     run_node(config, behaviour)
 
