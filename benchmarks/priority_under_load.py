@@ -6,7 +6,9 @@ One run: a ledger and two nodes serving every block; a client earns points with 
 the node that earned most buys a ticket with them, then for each load N (free clients
 generating in a loop through one node) the ticketed client and one more free client generate
 through that node; their median and p90 decode-step latencies are printed, with the ticketed
-client's latency as a ratio to its unloaded latency (target: within 1.5x).
+client's latency as a ratio to its unloaded latency (target: within 1.5x), and how many free
+computations its steps overtook in the node's queue and how many of those they paused between
+two blocks (from the node's `rpc_info`).
 """
 
 from __future__ import annotations
@@ -71,7 +73,13 @@ def main() -> None:
                 if not run.same_text:
                     raise RuntimeError("the ticketed and the free client generated different text")
                 rows.append(
-                    (clients, latency_ms(run.paid_times), latency_ms(run.free_times), run.ran_at)
+                    (
+                        clients,
+                        latency_ms(run.paid_times),
+                        latency_ms(run.free_times),
+                        run.ran_at,
+                        f"{run.overtook} / {run.preempted}",
+                    )
                 )
     table = Table(
         title=f"decode-step latency through one node, tiny BLOOM {args.layers} x "
@@ -83,16 +91,18 @@ def main() -> None:
         "free median / p90 ms",
         "ticketed vs its unloaded median",
         "ticketed steps ran at",
+        "free steps overtaken / paused",
     ):
         table.add_column(column)
     unloaded = rows[0][1][0]
-    for clients, (paid_median, paid_p90), (free_median, free_p90), granted in rows:
+    for clients, (paid_median, paid_p90), (free_median, free_p90), granted, passed in rows:
         table.add_row(
             str(clients),
             f"{paid_median:.1f} / {paid_p90:.1f}",
             f"{free_median:.1f} / {free_p90:.1f}",
             f"{paid_median / unloaded:.2f}x",
             str(granted),
+            passed,
         )
     console.print(table)
     worst = max(row[1][0] for row in rows) / unloaded

@@ -212,6 +212,10 @@ class PaidVsFree:
     """The priority the paid steps ran at: "high", or "free" with the node's note."""
     same_text: bool
     ticket: WalletTicket
+    overtook: int
+    """Free computations the node let the paid client's steps overtake (queued or paused)."""
+    preempted: int
+    """Times the node paused a free computation between blocks for the paid client's steps."""
 
 
 def paid_vs_free(
@@ -227,14 +231,17 @@ def paid_vs_free(
         client_model(swarm, model_dir, load.keys / "probe.key", allow=node) as free,
     ):
         paid.backbone.ticket = bought.ticket
+        before = paid.backbone.node_info(node)
         paid_tokens, paid_times = step_times(paid, load.prompt, load.config)
+        after = paid.backbone.node_info(node)
         free_tokens, free_times = step_times(free, load.prompt, load.config)
         session = paid.backbone.last_session
         ran_at = session.granted.get(node, PRIORITY_FREE) if session else PRIORITY_FREE
         if session is not None and session.priority_notes:
             ran_at += f" ({'; '.join(session.priority_notes)})"
     same = torch.equal(paid_tokens, free_tokens)
-    return PaidVsFree(clients, paid_times, free_times, ran_at, same, bought)
+    overtook, preempted = after.overtaken - before.overtaken, after.preempted - before.preempted
+    return PaidVsFree(clients, paid_times, free_times, ran_at, same, bought, overtook, preempted)
 
 
 def _lowest_cpu_priority() -> None:

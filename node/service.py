@@ -177,6 +177,7 @@ class NodeService(ServicerBase):
             queued_free=self.scheduler.queued(Priority.FREE),
             forward_us=round(1e6 * statistics.median(self._forwards)) if self._forwards else 0,
             overtaken=self.scheduler.overtaken,
+            preempted=self.scheduler.preempted,
         )
 
     # ----------------------------------------------------------------------- RPCs

@@ -543,7 +543,9 @@ class NodeInfo:
     forward_us: int = 0
     """Median wall time of the node's recent forward passes, in microseconds (0: none yet)."""
     overtaken: int = 0
-    """Queued computations that ticketed ones have overtaken since the node started."""
+    """Computations that ticketed ones have overtaken since the node started."""
+    preempted: int = 0
+    """Times a free computation was paused between two blocks for ticketed ones."""
 
     def __post_init__(self) -> None:
         _check_str("peer_id", self.peer_id)
@@ -565,6 +567,7 @@ class NodeInfo:
             "queued_free",
             "forward_us",
             "overtaken",
+            "preempted",
         ):
             _check_int(name, getattr(self, name), 0)
         if not isinstance(self.throughput, float | int) or not 0 <= self.throughput < 1e12:
@@ -584,7 +587,9 @@ class NodeInfo:
         return cls(**fields)
 
 
-_INFO_OPTIONAL = frozenset({"queued_high", "queued_free", "forward_us", "overtaken"})
+_INFO_OPTIONAL = frozenset(
+    {"queued_high", "queued_free", "forward_us", "overtaken", "preempted"}
+)
 
 
 def milli(value: float) -> int:

@@ -231,6 +231,7 @@ async def test_typed_messages_round_trip():
         queued_free=7,
         forward_us=1234,
         overtaken=5,
+        preempted=3,
     )
     assert NodeInfo.from_message(await _round_trip(info.to_message())) == info
 
