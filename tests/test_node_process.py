@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -20,7 +21,10 @@ from corolla.errors import BadReceipt, BadSignature
 from corolla.node.checkpoint import Checkpoint
 from corolla.node.manifest import load_manifest
 from corolla.node.records import NodeState, RecordValidator, ServerRecord, fetch_records
+from corolla.node.run_cli import node_config, run, with_node_options
+from corolla.node.server import NodeConfig
 from corolla.node.wire import InferenceStream, OpenSession, StepMessage
+from corolla.simulations.node_cli import node as simulate_node
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import sign_request, verify_receipt
@@ -96,13 +100,30 @@ async def test_nodes_announce_pick_the_weakest_span_and_withdraw_on_signals(node
         (["--blocks", "0:2", "--max-cache-tokens", "-1"], "--max-cache-tokens"),
     ],
 )
-def test_bad_options_are_one_line_errors(bloom_dir, tmp_path, capsys, args, message):
-    argv = ["node", "run", "--model", str(bloom_dir), "--identity", str(tmp_path / "k"), *args]
+@pytest.mark.parametrize("command", [["node", "run"], ["simulate", "node", "--adversary", "noise"]])
+def test_bad_options_are_one_line_errors(bloom_dir, tmp_path, capsys, command, args, message):
+    argv = [*command, "--model", str(bloom_dir), "--identity", str(tmp_path / "k"), *args]
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err
     assert message in stderr and "Traceback" not in stderr
+
+
+def test_both_node_commands_take_the_node_options_declared_once():
+    node_options = set(inspect.signature(node_config).parameters)
+    assert set(inspect.signature(run).parameters) == node_options
+    simulated = inspect.signature(simulate_node).parameters
+    assert set(simulated) == node_options | {
+        "adversary", "perturbation", "cheat_with", "cheat_fraction", "target_client",
+        "wrong_model", "wrong_quant", "seed",
+    }  # fmt: skip
+    assert [name for name, p in simulated.items() if p.default is p.empty] == ["model", "adversary"]
+
+    def clash(config: NodeConfig, port: int = 0) -> None: ...
+
+    with pytest.raises(TypeError, match="redeclares node options: port"):
+        with_node_options(clash)
 
 
 def test_missing_model_is_a_one_line_error_from_the_real_command(tmp_path):
