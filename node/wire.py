@@ -587,9 +587,7 @@ class NodeInfo:
         return cls(**fields)
 
 
-_INFO_OPTIONAL = frozenset(
-    {"queued_high", "queued_free", "forward_us", "overtaken", "preempted"}
-)
+_INFO_OPTIONAL = frozenset({"queued_high", "queued_free", "forward_us", "overtaken", "preempted"})
 
 
 def milli(value: float) -> int:
