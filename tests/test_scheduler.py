@@ -169,19 +169,22 @@ def _blocks(
     return run
 
 
-async def _started(scheduler: PriorityScheduler, count: int) -> None:
-    while len(scheduler.served) < count:
+async def _running(
+    scheduler: PriorityScheduler, priority: Priority, name: str, order: list[str]
+) -> tuple[asyncio.Future[str], threading.Event]:
+    """A `_blocks` job of `priority`, started and held after its first block until the
+    returned gate is set."""
+    gate = threading.Event()
+    job = asyncio.ensure_future(scheduler.run(priority, _blocks(scheduler, name, order, gate)))
+    while not scheduler.served:
         await asyncio.sleep(0.001)
+    return job, gate
 
 
 async def test_a_ticketed_job_runs_between_two_blocks_of_a_running_free_one(executor):
     scheduler = PriorityScheduler(SchedulerConfig(), executor)
     order: list[str] = []
-    gate = threading.Event()
-    free = asyncio.ensure_future(
-        scheduler.run(Priority.FREE, _blocks(scheduler, "free", order, gate))
-    )
-    await _started(scheduler, 1)
+    free, gate = await _running(scheduler, Priority.FREE, "free", order)
     queued_free = asyncio.ensure_future(scheduler.run(Priority.FREE, lambda: order.append("next")))
     paid = [
         asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda n=n: order.append(f"paid-{n}")))
@@ -207,11 +210,7 @@ async def test_a_ticketed_job_runs_between_two_blocks_of_a_running_free_one(exec
 async def test_a_running_ticketed_job_is_not_paused_for_another_ticketed_one(executor):
     scheduler = PriorityScheduler(SchedulerConfig(), executor)
     order: list[str] = []
-    gate = threading.Event()
-    first = asyncio.ensure_future(
-        scheduler.run(Priority.HIGH, _blocks(scheduler, "paid-1", order, gate))
-    )
-    await _started(scheduler, 1)
+    first, gate = await _running(scheduler, Priority.HIGH, "paid-1", order)
     second = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: order.append("paid-2")))
     await asyncio.sleep(0.01)
     gate.set()
@@ -225,11 +224,7 @@ async def test_a_ticketed_job_failing_between_blocks_reports_its_error_and_the_f
 ):
     scheduler = PriorityScheduler(SchedulerConfig(), executor)
     order: list[str] = []
-    gate = threading.Event()
-    free = asyncio.ensure_future(
-        scheduler.run(Priority.FREE, _blocks(scheduler, "free", order, gate))
-    )
-    await _started(scheduler, 1)
+    free, gate = await _running(scheduler, Priority.FREE, "free", order)
 
     def fail() -> None:
         raise ValueError("broken ticketed step")
