@@ -219,10 +219,13 @@ class PriorityScheduler:
                     continue
                 self._start(job, running)
                 self.preempted += 1
+            self._in_free_job.job = None  # the ticketed job's own boundaries pause nothing
             try:
                 result, error = job.run(), None
             except Exception as failure:  # delivered to the waiting request, not lost
                 result, error = None, failure
+            finally:
+                self._in_free_job.job = running
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
                 self._loop.call_soon_threadsafe(_deliver, job, result, error)
 
@@ -230,12 +233,12 @@ class PriorityScheduler:
         """Stop: every waiting (and the running) computation gets NodeBusy."""
         if self._worker is not None:
             self._worker.cancel()
-        jobs = [*self._heap, *([self._running] if self._running is not None else [])]
+        with self._lock:
+            jobs = [*self._heap, *([self._running] if self._running is not None else [])]
+            self._heap.clear()
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(NodeBusy("the node is shutting down"))
-        with self._lock:
-            self._heap.clear()
 
 
 def _deliver(job: _Job, result: Any, error: BaseException | None) -> None:

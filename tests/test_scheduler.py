@@ -219,6 +219,26 @@ async def test_a_running_ticketed_job_is_not_paused_for_another_ticketed_one(exe
     assert scheduler.preempted == 0
 
 
+async def test_a_ticketed_job_run_between_blocks_is_not_paused_for_the_next_ticketed_one(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+    order: list[str] = []
+    free, gate = await _running(scheduler, Priority.FREE, "free", order)
+    paid_gate = threading.Event()
+    first = asyncio.ensure_future(
+        scheduler.run(Priority.HIGH, _blocks(scheduler, "paid-1", order, paid_gate))
+    )
+    await asyncio.sleep(0.01)
+    gate.set()  # the free job reaches its first boundary and runs paid-1, held after a block
+    while "paid-1-0" not in order:
+        await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: order.append("paid-2")))
+    await asyncio.sleep(0.01)
+    paid_gate.set()
+    await asyncio.gather(free, first, second)
+    assert order == ["free-0", "paid-1-0", "paid-1-1", "paid-1-2", "paid-2", "free-1", "free-2"]
+    assert scheduler.preempted == 2
+
+
 async def test_a_ticketed_job_failing_between_blocks_reports_its_error_and_the_free_one_ends(
     executor,
 ):
