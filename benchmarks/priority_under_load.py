@@ -7,8 +7,8 @@ the node that earned most buys a ticket with them, then for each load N (free cl
 generating in a loop through one node) the ticketed client and one more free client generate
 through that node; their median and p90 decode-step latencies are printed, with the ticketed
 client's latency as a ratio to its unloaded latency (target: within 1.5x), and how many free
-computations its steps overtook in the node's queue and how many of those they paused between
-two blocks (from the node's `rpc_info`).
+computations its steps overtook in the node's queue and how many times it paused a free one
+between two blocks (from the node's `rpc_info`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
         "free median / p90 ms",
         "ticketed vs its unloaded median",
         "ticketed steps ran at",
-        "free steps overtaken / paused",
+        "free steps overtaken / pauses",
     ):
         table.add_column(column)
     unloaded = rows[0][1][0]

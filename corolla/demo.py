@@ -237,8 +237,8 @@ def _paid_and_free(
         table.add_row(name, ran_at, f"{median:.1f}", f"{p90:.1f}")
     _console.print(table)
     _console.print(
-        f"the paid client's steps went ahead of {run.overtook} free ones, pausing "
-        f"{run.preempted} of them between two blocks"
+        f"the paid client's steps went ahead of {run.overtook} free ones, pausing free steps "
+        f"{run.preempted} times between two blocks"
     )
     same = "[green]yes[/green]" if run.same_text else "[red]NO[/red]"
     _console.print(f"same text for both: {same}; the node redeems the paid steps at the ledger")

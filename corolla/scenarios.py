@@ -215,7 +215,8 @@ class PaidVsFree:
     overtook: int
     """Free computations the node let the paid client's steps overtake (queued or paused)."""
     preempted: int
-    """Times the node paused a free computation between blocks for the paid client's steps."""
+    """Times the node paused a free computation between two blocks (for the paid client's steps:
+    nobody else had a ticket)."""
 
 
 def paid_vs_free(

@@ -97,7 +97,6 @@ class PriorityScheduler:
         self._running: _Job | None = None
         # The heap is shared with the compute thread, which takes ticketed jobs between blocks.
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._in_free_job = threading.local()
         self._last_ticketed = -math.inf
         self.served: deque[Served] = deque(maxlen=1024)
@@ -105,7 +104,10 @@ class PriorityScheduler:
         self.overtaken = 0
         """Computations that ticketed ones have overtaken in the queue, since the start."""
         self.preempted = 0
-        """Times a free computation was paused between blocks for ticketed ones."""
+        """Times a free computation was paused between two blocks for ticketed ones."""
+        self.paused_seconds = 0.0
+        """Compute-thread seconds spent in ticketed computations run inside paused free ones
+        (a paused computation's wall time includes them). Written by the compute thread only."""
 
     def queued(self, priority: Priority | None = None) -> int:
         """Computations waiting (of one class, or all)."""
@@ -136,8 +138,8 @@ class PriorityScheduler:
                 f"busy: {self.config.max_free_queue} free computations queued; "
                 "requests with a ticket go ahead"
             )
-        self._loop = asyncio.get_running_loop()
-        job = _Job(int(priority), next(self._arrivals), function, self._loop.create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(int(priority), next(self._arrivals), function, loop.create_future())
         with self._lock:
             heapq.heappush(self._heap, job)
         self._ensure_worker()
@@ -200,16 +202,20 @@ class PriorityScheduler:
         """On the compute thread: run `job`, pausable between blocks if it is free."""
         self._in_free_job.job = job if job.priority == Priority.FREE else None
         try:
-            return job.run()
+            result, error = _outcome(job.run)
         finally:
             self._in_free_job.job = None
+        if error is not None:
+            raise error
+        return result
 
     def between_blocks(self) -> None:
         """Called by a computation after each block: if it is a free one running on the compute
         thread and ticketed ones wait, run them now, then return to it."""
         running: _Job | None = getattr(self._in_free_job, "job", None)
-        if running is None or self._loop is None:
+        if running is None:
             return
+        paused = False
         while True:
             with self._lock:
                 if not self._heap or self._heap[0].priority != Priority.HIGH:
@@ -218,16 +224,17 @@ class PriorityScheduler:
                 if job.future.done():
                     continue
                 self._start(job, running)
-                self.preempted += 1
+                self.preempted += not paused
+                paused = True
+            began = time.perf_counter()
             self._in_free_job.job = None  # the ticketed job's own boundaries pause nothing
             try:
-                result, error = job.run(), None
-            except Exception as failure:  # delivered to the waiting request, not lost
-                result, error = None, failure
+                result, error = _outcome(job.run)
             finally:
                 self._in_free_job.job = running
+            self.paused_seconds += time.perf_counter() - began
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-                self._loop.call_soon_threadsafe(_deliver, job, result, error)
+                job.future.get_loop().call_soon_threadsafe(_deliver, job, result, error)
 
     def close(self) -> None:
         """Stop: every waiting (and the running) computation gets NodeBusy."""
@@ -239,6 +246,23 @@ class PriorityScheduler:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(NodeBusy("the node is shutting down"))
+
+
+def _outcome(function: Callable[[], Any]) -> tuple[Any, Exception | None]:
+    """Run `function`: its result, or what it raised as an error a future can carry.
+
+    Whatever a computation raises goes to its requester and never further: not into a free
+    computation it ran inside, not out of the compute thread. Futures refuse StopIteration, and
+    a BaseException would end the worker, leaving every request waiting.
+    """
+    try:
+        return function(), None
+    except Exception as error:
+        if isinstance(error, StopIteration):
+            return None, RuntimeError(f"the computation raised {error!r}")
+        return None, error
+    except BaseException as error:
+        return None, RuntimeError(f"the computation raised {error!r}")
 
 
 def _deliver(job: _Job, result: Any, error: BaseException | None) -> None:

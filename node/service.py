@@ -266,14 +266,14 @@ class NodeService(ServicerBase):
                         ending = ErrorReply.from_error(error, fatal=True)
                 if ending is not None:
                     if session is not None:
-                        self.sessions.close(session.session_id)
+                        self.sessions.close(session)
                     yield ending.to_message()
                     await _linger(requests)
                     return
                 yield reply
         finally:
             if session is not None:
-                self.sessions.close(session.session_id)
+                self.sessions.close(session)
 
     # ----------------------------------------------------------------------- steps
 
@@ -431,10 +431,12 @@ class NodeService(ServicerBase):
         if not bool(torch.isfinite(hidden).all()):
             raise InvalidInput("the hidden states contain NaN or infinity")
         behaviour = self.behaviour
-        started = time.perf_counter()
+        scheduler = self.scheduler
+        paused, started = scheduler.paused_seconds, time.perf_counter()
         cache = session.cache if session is not None else None
-        computed = behaviour.compute(request, span, hidden, cache, self.scheduler.between_blocks)
-        self._forwards.append(time.perf_counter() - started)
+        computed = behaviour.compute(request, span, hidden, cache, scheduler.between_blocks)
+        # Not counting the ticketed steps that ran inside this one, at its block boundaries.
+        self._forwards.append(time.perf_counter() - started - (scheduler.paused_seconds - paused))
         output = behaviour.output(request.step, request, hidden, computed)
         previous = session.chain if session is not None else GENESIS_CHAIN
         receipt = behaviour.sign_receipt(self._signer, request, tensor_digest(output), previous)

@@ -159,6 +159,8 @@ class SessionTable(Generic[Reply]):
             raise InvalidInput("unknown session: it is not open on this node")
         return session
 
-    def close(self, session_id: bytes) -> None:
-        """Forget a session and free its cache (idempotent)."""
-        self._sessions.pop(session_id, None)
+    def close(self, session: Session[Reply]) -> None:
+        """Forget ``session`` and free its cache (idempotent). A newer session that reuses its id
+        after it was closed is left alone."""
+        if self._sessions.get(session.session_id) is session:
+            del self._sessions[session.session_id]

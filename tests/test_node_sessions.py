@@ -45,9 +45,19 @@ def test_sessions_reserve_batch_times_max_length_and_give_it_back(span):
         table.open(os.urandom(16), CLIENT.public_key, 1, 41, span)
     table.open(os.urandom(16), CLIENT.public_key, 1, 40, span)
     assert table.free_tokens == 0
-    table.close(first.session_id)
-    table.close(first.session_id)  # idempotent
+    table.close(first)
+    table.close(first)  # idempotent
     assert table.free_tokens == 60
+
+
+def test_closing_a_session_again_spares_a_newer_one_with_the_same_id(span):
+    table = SessionTable(SessionConfig(max_cache_tokens=100))
+    session_id = os.urandom(16)
+    old = table.open(session_id, CLIENT.public_key, 1, 30, span)
+    table.close(old)
+    new = table.open(session_id, CLIENT.public_key, 1, 30, span)
+    table.close(old)  # a stream's second, late close of its own session
+    assert table.get(session_id) is new and table.free_tokens == 70
 
 
 def test_a_session_id_cannot_be_opened_twice_or_used_unopened(span):

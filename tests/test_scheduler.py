@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -176,9 +178,16 @@ async def _running(
     returned gate is set."""
     gate = threading.Event()
     job = asyncio.ensure_future(scheduler.run(priority, _blocks(scheduler, name, order, gate)))
-    while not scheduler.served:
-        await asyncio.sleep(0.001)
+    await _until(lambda: bool(scheduler.served))
     return job, gate
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.001)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
 
 
 async def test_a_ticketed_job_runs_between_two_blocks_of_a_running_free_one(executor):
@@ -196,7 +205,7 @@ async def test_a_ticketed_job_runs_between_two_blocks_of_a_running_free_one(exec
     await asyncio.gather(queued_free, *paid)
     # Both ticketed jobs ran at the first block boundary; the queued free job after the free one.
     assert order == ["free-0", "paid-1", "paid-2", "free-1", "free-2", "next"]
-    assert scheduler.preempted == 2
+    assert scheduler.preempted == 1  # one pause, two ticketed jobs in it
     overtook = [(job.priority, job.overtook) for job in scheduler.served]
     assert overtook == [
         (Priority.FREE, 0),
@@ -229,14 +238,13 @@ async def test_a_ticketed_job_run_between_blocks_is_not_paused_for_the_next_tick
     )
     await asyncio.sleep(0.01)
     gate.set()  # the free job reaches its first boundary and runs paid-1, held after a block
-    while "paid-1-0" not in order:
-        await asyncio.sleep(0.001)
+    await _until(lambda: "paid-1-0" in order)
     second = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: order.append("paid-2")))
     await asyncio.sleep(0.01)
     paid_gate.set()
     await asyncio.gather(free, first, second)
     assert order == ["free-0", "paid-1-0", "paid-1-1", "paid-1-2", "paid-2", "free-1", "free-2"]
-    assert scheduler.preempted == 2
+    assert scheduler.preempted == 1
 
 
 async def test_a_ticketed_job_failing_between_blocks_reports_its_error_and_the_free_one_ends(
@@ -258,16 +266,58 @@ async def test_a_ticketed_job_failing_between_blocks_reports_its_error_and_the_f
     assert order == ["free-0", "free-1", "free-2"]
 
 
-async def test_between_blocks_outside_a_free_job_on_the_compute_thread_does_nothing(executor):
+async def test_between_blocks_pauses_nothing_off_the_compute_thread_or_outside_a_free_job(
+    executor,
+):
     scheduler = PriorityScheduler(SchedulerConfig(inline_seconds=0.01), executor)
-    scheduler.between_blocks()  # no job at all
     order: list[str] = []
-    gate = threading.Event()
+    free, gate = await _running(scheduler, Priority.FREE, "free", order)
+    paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: order.append("paid")))
+    await asyncio.sleep(0.01)
+    scheduler.between_blocks()  # on the loop thread, while a free job holds the compute thread
+    assert "paid" not in order and scheduler.queued(Priority.HIGH) == 1
     gate.set()
-    # A cheap job on an idle node runs on the loop, where nothing can be waiting meanwhile.
-    cheap = _blocks(scheduler, "inline", order, gate)
+    await asyncio.gather(free, paid)
+    assert order == ["free-0", "paid", "free-1", "free-2"]  # at the free job's own boundary
+    # A cheap job on an idle node runs on the loop, where its boundaries pause nothing.
+    opened = threading.Event()
+    opened.set()
+    cheap = _blocks(scheduler, "inline", order, opened)
     assert await scheduler.run(Priority.FREE, cheap, seconds=0) == "inline"
-    assert scheduler.preempted == 0
+    assert scheduler.preempted == 1
+
+
+@pytest.mark.parametrize("raised", [StopIteration(), KeyboardInterrupt(), SystemExit(3)])
+async def test_whatever_a_job_raises_reaches_its_requester_and_the_queue_keeps_serving(
+    executor, raised
+):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+
+    def escape() -> None:
+        raise raised
+
+    with pytest.raises(RuntimeError, match="the computation raised"):
+        await scheduler.run(Priority.FREE, escape)
+    order: list[str] = []
+    free, gate = await _running(scheduler, Priority.FREE, "free", order)
+    paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, escape))  # run at a boundary
+    await asyncio.sleep(0.01)
+    gate.set()
+    with pytest.raises(RuntimeError, match="the computation raised"):
+        await paid
+    assert await free == "free"
+    assert await scheduler.run(Priority.FREE, lambda: 42) == 42
+
+
+async def test_paused_seconds_count_the_ticketed_jobs_run_inside_a_free_one(executor):
+    scheduler = PriorityScheduler(SchedulerConfig(), executor)
+    order: list[str] = []
+    free, gate = await _running(scheduler, Priority.FREE, "free", order)
+    paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: time.sleep(0.05)))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(free, paid)
+    assert scheduler.paused_seconds >= 0.05
 
 
 async def test_after_ticketed_work_cheap_free_jobs_stay_on_the_compute_thread_to_be_pausable(
