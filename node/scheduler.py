@@ -130,7 +130,10 @@ class PriorityScheduler:
             if priority == Priority.HIGH:
                 self._last_ticketed = time.monotonic()
             self.served.append(Served(priority, next(self._arrivals), 0))
-            return function()
+            result, error = _outcome(function)
+            if error is not None:
+                raise error
+            return result
         if len(self._heap) >= self.config.max_queue:
             raise NodeBusy(f"busy: {len(self._heap)} computations queued, try again later")
         if priority == Priority.FREE and self.queued(Priority.FREE) >= self.config.max_free_queue:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -296,8 +297,9 @@ async def test_whatever_a_job_raises_reaches_its_requester_and_the_queue_keeps_s
     def escape() -> None:
         raise raised
 
-    with pytest.raises(RuntimeError, match="the computation raised"):
-        await scheduler.run(Priority.FREE, escape)
+    for seconds in (0, math.inf):  # on the loop (cheap, idle node), on the compute thread
+        with pytest.raises(RuntimeError, match="the computation raised"):
+            await scheduler.run(Priority.FREE, escape, seconds)
     order: list[str] = []
     free, gate = await _running(scheduler, Priority.FREE, "free", order)
     paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, escape))  # run at a boundary
