@@ -18,6 +18,7 @@ from hivemind.proto import runtime_pb2
 
 from corolla import PROTOCOL_VERSION
 from corolla.errors import NodeBusy, NodeUnavailable, RemoteError
+from corolla.node.framing import END_OF_STREAM, pack_parts, read_part
 from corolla.node.service import NodeService, ServiceConfig
 from corolla.node.sessions import SessionConfig
 from corolla.node.span import Span, load_span
@@ -25,6 +26,8 @@ from corolla.node.wire import (
     HANDLE_FORWARD,
     HANDLE_INFERENCE,
     HANDLE_INFO,
+    KIND_FORWARD,
+    MESSAGE_CAP_BYTES,
     InferenceStream,
     Message,
     OpenSession,
@@ -189,6 +192,47 @@ async def test_session_on_part_of_the_span_runs_only_those_blocks(daemons, serve
             peer, server.peer_id, client.step(hidden, step=0, position=0)
         )
         assert torch.equal(output.hidden, part.forward(hidden))
+
+
+async def test_a_one_shot_forward_stream_stays_open_after_the_reply_until_the_client_hangs_up(
+    daemons, serve, span
+):
+    """Closing right after the last write can lose it in the libp2p daemon, so the node waits
+    for the client to hang up, even though hivemind's client sends its end-of-requests marker
+    at once."""
+    server, peer = daemons
+    async with serve() as service:
+        client = Client(span)
+        hidden = client.hidden(3)
+        step = client.step(hidden, step=0, position=0)
+        _, reader, writer = await peer.call_binary_stream_handler(server.peer_id, HANDLE_FORWARD)
+        try:
+            parts = encode_message(step.to_message(KIND_FORWARD), runtime_pb2.ExpertRequest)
+            writer.write(pack_parts(parts) + END_OF_STREAM)
+            await writer.drain()
+            part = await asyncio.wait_for(
+                read_part(reader, runtime_pb2.ExpertResponse, MESSAGE_CAP_BYTES), TIMEOUT
+            )
+            assert part is not None
+
+            async def reply_parts():
+                yield part
+
+            output = StepOutput.from_message(
+                await read_reply(reply_parts(), WireLimits(), server.peer_id)
+            )
+            assert torch.equal(output.hidden, span.forward(hidden))
+            verify_receipt(
+                output.receipt,
+                request=step.request,
+                output=output.hidden,
+                previous_chain=GENESIS_CHAIN,
+                node_key=service.identity.public_key,
+            )
+            with pytest.raises(TimeoutError):  # the node has not closed its side
+                await asyncio.wait_for(reader.read(1), 0.5)
+        finally:
+            writer.close()
 
 
 async def test_batched_session_works(daemons, serve, span):
