@@ -167,17 +167,12 @@ class PriorityScheduler:
         loop = asyncio.get_running_loop()
         wakeup = self._wakeup
         while True:
-            with self._lock:
-                job = heapq.heappop(self._heap) if self._heap else None
-                if job is not None and not job.future.done():
-                    self._start(job, running=None)
+            job = self._take(running=None)
             if job is None:
                 if wakeup is None:
                     return
                 wakeup.clear()
                 await wakeup.wait()
-                continue
-            if job.future.done():
                 continue
             self._running = job
             try:
@@ -192,14 +187,24 @@ class PriorityScheduler:
     def _ticketed_recently(self) -> bool:
         return time.monotonic() - self._last_ticketed < self.config.ticketed_recently_seconds
 
-    def _start(self, job: _Job, running: _Job | None) -> None:
-        """Note that `job` starts (under the lock), overtaking `running` if it pauses it."""
-        overtook = sum(1 for other in self._heap if other.arrival < job.arrival)
-        overtook += running is not None
-        self.served.append(Served(Priority(job.priority), job.arrival, overtook))
-        if job.priority == Priority.HIGH:
-            self.overtaken += overtook
-            self._last_ticketed = time.monotonic()
+    def _take(self, running: _Job | None) -> _Job | None:
+        """The next job whose requester still waits, noted as started; None if there is none.
+
+        With `running` (a free job to pause, on the compute thread) only a ticketed job is taken.
+        """
+        with self._lock:
+            while self._heap and (running is None or self._heap[0].priority == Priority.HIGH):
+                job = heapq.heappop(self._heap)
+                if job.future.done():
+                    continue
+                overtook = sum(1 for other in self._heap if other.arrival < job.arrival)
+                overtook += running is not None
+                self.served.append(Served(Priority(job.priority), job.arrival, overtook))
+                if job.priority == Priority.HIGH:
+                    self.overtaken += overtook
+                    self._last_ticketed = time.monotonic()
+                return job
+        return None
 
     def _call(self, job: _Job) -> Any:
         """On the compute thread: run `job`, pausable between blocks if it is free."""
@@ -216,19 +221,11 @@ class PriorityScheduler:
         """Called by a computation after each block: if it is a free one running on the compute
         thread and ticketed ones wait, run them now, then return to it."""
         running: _Job | None = getattr(self._in_free_job, "job", None)
-        if running is None:
+        job = self._take(running) if running is not None else None
+        if job is None:
             return
-        paused = False
-        while True:
-            with self._lock:
-                if not self._heap or self._heap[0].priority != Priority.HIGH:
-                    return
-                job = heapq.heappop(self._heap)
-                if job.future.done():
-                    continue
-                self._start(job, running)
-                self.preempted += not paused
-                paused = True
+        self.preempted += 1
+        while job is not None:
             began = time.perf_counter()
             self._in_free_job.job = None  # the ticketed job's own boundaries pause nothing
             try:
@@ -238,6 +235,7 @@ class PriorityScheduler:
             self.paused_seconds += time.perf_counter() - began
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
                 job.future.get_loop().call_soon_threadsafe(_deliver, job, result, error)
+            job = self._take(running)
 
     def close(self) -> None:
         """Stop: every waiting (and the running) computation gets NodeBusy."""

@@ -210,7 +210,9 @@ class NodeService(ServicerBase):
             reply = ErrorReply.from_error(error).to_message()
         for part in encode_message(reply, runtime_pb2.ExpertResponse, limits.part_bytes):
             yield part
-        await _linger(requests, until_cancelled=True)
+        # Give the client time to read the reply and hang up first (see _linger); hivemind
+        # cancels this wait when it does.
+        await asyncio.sleep(LINGER_SECONDS)
 
     async def _serve_inference(
         self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -459,25 +461,21 @@ def _refusal(error: CorollaError, context: P2PContext) -> Message:
     return ErrorReply.from_error(error).to_message()
 
 
-async def _linger(
-    requests: AsyncIterator[runtime_pb2.ExpertRequest], *, until_cancelled: bool = False
-) -> None:
+async def _linger(requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
     """Before ending a stream right after a reply, give the client time to read it and hang up.
 
     The libp2p daemon can drop the last message of a stream closed at once after writing it
     (seen about once in 200 one-shot calls, more often on a busy machine); the client closing
-    first avoids that. The wait ends when the client's side of the stream does (anything it
-    still sends is dropped), or after ``LINGER_SECONDS``. On hivemind's protobuf handlers
-    (``until_cancelled``) the requests end with a marker the client sends right after its
-    request, before it even has the reply; there the wait goes on until hivemind cancels the
-    handler, which it does when the client hangs up.
+    first avoids that. On a raw stream the requests end when the client hangs up (anything it
+    still sends is dropped); the wait ends then, or after ``LINGER_SECONDS``. (On hivemind's
+    protobuf handlers the requests end with a marker the client sends right after its request,
+    before it has the reply, so ``rpc_forward`` sleeps instead and hivemind cancels the sleep
+    when the client hangs up.)
     """
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(LINGER_SECONDS):
             async for _ in requests:
                 pass
-            if until_cancelled:
-                await asyncio.Event().wait()
 
 
 async def _requests_from(reader: asyncio.StreamReader) -> AsyncIterator[runtime_pb2.ExpertRequest]:
