@@ -32,6 +32,7 @@ from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.swarm import ClientConfig
 from corolla.node.launcher import LocalSwarm
 from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.scenarios import latency_ms
 
 UNSIGNED = "COROLLA_BENCHMARK_UNSIGNED"
 
@@ -48,13 +49,9 @@ def timed_generation(head: ClientHead, backbone: Backbone, tokens: int) -> list[
 
 
 def summarize(runs: list[list[float]]) -> dict[str, float]:
-    decode = sorted(step for run in runs for step in run[1:])
+    median_ms, p90_ms = latency_ms([step for run in runs for step in run[1:]])
     rates = [len(run) / sum(run) for run in runs]
-    return {
-        "tokens_per_s": statistics.median(rates),
-        "median_ms": 1000 * statistics.median(decode),
-        "p90_ms": 1000 * decode[int(0.9 * (len(decode) - 1))],
-    }
+    return {"tokens_per_s": statistics.median(rates), "median_ms": median_ms, "p90_ms": p90_ms}
 
 
 def measure(head: ClientHead, backbone: Backbone, tokens: int, repeats: int) -> dict[str, float]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from rich.table import Table
 
 from corolla.node.framing import pack_parts
 from corolla.node.wire import serialize_tensor
+from corolla.scenarios import latency_ms
 
 ECHO = "corolla-benchmark-echo"
 REQUEST_BYTES = 600
@@ -157,8 +157,7 @@ def main() -> None:
                 echo_process(transport) as ready,
             ):
                 times = asyncio.run(measure(ready, message, args.messages, gap_ms / 1000))
-            times.sort()
-            median, p90 = 1000 * statistics.median(times), 1000 * times[int(0.9 * len(times))]
+            median, p90 = latency_ms(times)
             medians[name, gap_ms] = median
             table.add_row(name, f"{gap_ms:g}", f"{median:.3f}", f"{p90:.3f}", f"{2 * median:.2f}")
     console.print(table)
