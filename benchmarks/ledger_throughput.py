@@ -34,11 +34,11 @@ from pathlib import Path
 
 import httpx
 
+from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.reports import Attestation, report_body
 from corolla.ledger.audit import audit
 from corolla.ledger.entries import raw_leaf_hash
-from corolla.ledger.envelope import sign_envelope
 from corolla.ledger.reader import LedgerReader
-from corolla.ledger.reports import Attestation, report_body
 from corolla.ledger.sources import DbSource, HttpSource
 from corolla.ledger.store import LedgerStore
 from corolla.verify import GENESIS_CHAIN, Identity, make_receipt, sign_request

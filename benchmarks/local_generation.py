@@ -25,8 +25,8 @@ from transformers.utils import logging as hf_logging
 from corolla.client.generation import GenerationConfig, generate
 from corolla.client.head import load_head
 from corolla.client.local import LocalBackbone, even_splits
-from corolla.node.span import load_span
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.model.span import load_span
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
 
 
 def tokens_per_second(run, tokens: int, repeats: int) -> float:

@@ -23,10 +23,10 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from corolla.client.generation import GenerationConfig
-from corolla.ledger.process import LedgerProcess
-from corolla.node.launcher import LocalSwarm
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
-from corolla.scenarios import FreeLoad, earn_until, latency_ms, paid_vs_free, ticket_budget
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
+from corolla.simulations.ledger_process import LedgerProcess
+from corolla.simulations.live import LocalSwarm
+from corolla.simulations.scenes import FreeLoad, earn_until, latency_ms, paid_vs_free, ticket_budget
 
 PROMPT = "Priority under load"
 

@@ -26,8 +26,8 @@ from corolla.client.generation import GenerationConfig
 from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig
-from corolla.node.launcher import LocalSwarm
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
+from corolla.simulations.live import LocalSwarm
 from corolla.verify.receipts import work_units
 
 RATES = (0.0, 0.01, 0.05, 0.20)

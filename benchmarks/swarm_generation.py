@@ -30,9 +30,9 @@ from corolla.client.head import ClientHead, load_head
 from corolla.client.local import LocalBackbone
 from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.swarm import ClientConfig
-from corolla.node.launcher import LocalSwarm
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
-from corolla.scenarios import latency_ms
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
+from corolla.simulations.live import LocalSwarm
+from corolla.simulations.scenes import latency_ms
 
 UNSIGNED = "COROLLA_BENCHMARK_UNSIGNED"
 

@@ -37,9 +37,9 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from corolla.client.head import ClientHead, load_head
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.span import Span, load_span
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.span import Span, load_span
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
 from corolla.verify.tolerance import TOLERANCES, compare, token_errors
 
 QUANT = {"fp32": None, "int8": "int8", "nf4": "nf4"}

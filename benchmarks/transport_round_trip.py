@@ -27,9 +27,9 @@ from hivemind.proto import runtime_pb2
 from rich.console import Console
 from rich.table import Table
 
-from corolla.node.framing import pack_parts
-from corolla.node.wire import serialize_tensor
-from corolla.scenarios import latency_ms
+from corolla.node.protocol.framing import pack_parts
+from corolla.node.protocol.messages import serialize_tensor
+from corolla.simulations.scenes import latency_ms
 
 ECHO = "corolla-benchmark-echo"
 REQUEST_BYTES = 600

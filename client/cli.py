@@ -23,8 +23,8 @@ from corolla.client.session import WorkRecord
 from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import DEFAULT_CLIENT_IDENTITY, ClientConfig
 from corolla.errors import InvalidInput, RouteUnavailable
-from corolla.ledger.client import LedgerClient
-from corolla.node.checkpoint import parse_span
+from corolla.ledger.api.client import LedgerClient
+from corolla.node.model.checkpoint import parse_span
 from corolla.verify.identity import load_or_create_identity
 
 __all__ = ["register"]

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from corolla.errors import CheckpointError
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.families import Family, Head
-from corolla.node.manifest import Manifest, load_manifest
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.families import Family, Head
+from corolla.node.model.manifest import Manifest, load_manifest
 
 __all__ = ["ClientHead", "load_head"]
 

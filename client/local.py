@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from corolla.errors import InvalidInput, SessionError, SpanOutOfRange
-from corolla.node.span import Span, SpanCache, load_span
+from corolla.node.model.span import Span, SpanCache, load_span
 
 __all__ = ["LocalBackbone", "LocalSession", "even_splits"]
 

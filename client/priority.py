@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corolla.errors import InvalidInput, LedgerError, RouteUnavailable
-from corolla.ledger.client import LedgerClient
-from corolla.ledger.tickets import Ticket, verify_ticket
-from corolla.node.records import ServerRecord
+from corolla.ledger.api.client import LedgerClient
+from corolla.node.protocol.records import ServerRecord
 from corolla.verify.encoding import canonical
+from corolla.verify.tickets import Ticket, verify_ticket
 
 __all__ = [
     "DEFAULT_WALLET",

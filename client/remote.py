@@ -14,10 +14,11 @@ from corolla.client.runtime import BackgroundLoop
 from corolla.client.session import Failover, SwarmSession, WorkRecord
 from corolla.client.spotcheck import CheckOutcome, SpotCheckConfig, SpotChecker
 from corolla.client.swarm import Swarm
-from corolla.ledger.tickets import Ticket
-from corolla.node.manifest import Manifest
-from corolla.node.wire import NodeInfo, request_info
+from corolla.node.model.manifest import Manifest
+from corolla.node.protocol.messages import NodeInfo
+from corolla.node.protocol.stream import request_info
 from corolla.verify.identity import Identity
+from corolla.verify.tickets import Ticket
 
 __all__ = ["RemoteBackbone", "RemoteSession"]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from corolla.client.session import WorkRecord
 from corolla.client.spotcheck import CheckOutcome
 from corolla.errors import LedgerError
-from corolla.ledger.client import EvidenceVerdict, LedgerClient
-from corolla.ledger.reports import Attestation
+from corolla.ledger.api.client import EvidenceVerdict, LedgerClient
+from corolla.ledger.api.reports import Attestation
 
 __all__ = ["ReportSummary", "attestations_of", "report_session"]
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from corolla.errors import RouteUnavailable
-from corolla.node.records import ServerRecord
+from corolla.node.protocol.records import ServerRecord
 
 __all__ = ["DEFAULT_RTT", "Hop", "find_route", "hop_cost"]
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.p2p import PeerID
 
-from corolla import PROTOCOL_VERSION
 from corolla.client.generation import Rewind
 from corolla.client.priority import encode_ticket
 from corolla.client.routing import Hop
@@ -33,20 +32,16 @@ from corolla.errors import (
     SessionError,
     VerificationError,
 )
-from corolla.ledger.tickets import Ticket
 from corolla.node.behaviour import BENCHMARK_UNSIGNED_ENV, unsigned_signer
-from corolla.node.manifest import Manifest
-from corolla.node.wire import (
-    PRIORITY_FREE,
-    PRIORITY_HIGH,
-    InferenceStream,
-    OpenSession,
-    StepMessage,
-)
+from corolla.node.model.manifest import Manifest
+from corolla.node.protocol.messages import PRIORITY_FREE, PRIORITY_HIGH, OpenSession, StepMessage
+from corolla.node.protocol.stream import InferenceStream
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.evidence import StepClaim
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest, sign_request, verify_receipt
+from corolla.verify.tickets import Ticket
+from corolla.version import PROTOCOL_VERSION
 
 __all__ = ["Failover", "SwarmSession", "WorkRecord"]
 

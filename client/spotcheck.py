@@ -23,18 +23,19 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import PeerID
 
-from corolla import PROTOCOL_VERSION
 from corolla.client.routing import Hop
 from corolla.client.swarm import Swarm
 from corolla.errors import CorollaError, InvalidInput, VerificationError
-from corolla.node.manifest import Manifest
-from corolla.node.records import ServerRecord
-from corolla.node.wire import StepMessage, request_forward
+from corolla.node.model.manifest import Manifest
+from corolla.node.protocol.messages import StepMessage
+from corolla.node.protocol.records import ServerRecord
+from corolla.node.protocol.stream import request_forward
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.evidence import FraudEvidence, Recomputation, StepClaim
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import sign_request, verify_receipt
 from corolla.verify.tolerance import PROFILES, compare
+from corolla.version import PROTOCOL_VERSION
 
 __all__ = ["CheckOutcome", "SpotCheckConfig", "SpotChecker", "profile_of_record"]
 

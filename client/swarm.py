@@ -13,8 +13,8 @@ from hivemind.p2p import P2P, PeerID
 from corolla.client.bans import BanList
 from corolla.client.routing import Hop, find_route
 from corolla.errors import CorollaError, InvalidInput, NodeUnavailable, RouteUnavailable
-from corolla.node.records import NodeState, RecordValidator, ServerRecord, fetch_records
-from corolla.node.wire import request_info
+from corolla.node.protocol.records import NodeState, RecordValidator, ServerRecord, fetch_records
+from corolla.node.protocol.stream import request_info
 
 __all__ = ["ClientConfig", "Swarm"]
 

@@ -11,8 +11,8 @@ import sys
 import click
 import typer
 
-from corolla import __version__
 from corolla.errors import CorollaError
+from corolla.version import __version__
 
 __all__ = ["app", "main"]
 
@@ -47,7 +47,9 @@ def _register() -> None:
 
     register_node(app)
     register_client(app)
-    register_ledger(app)
+    from corolla.ledger_server import load_referee
+
+    register_ledger(app, referee_factory=load_referee)
 
     from corolla.simulations.node_cli import register_simulate
 

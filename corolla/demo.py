@@ -29,16 +29,16 @@ from corolla.client.reporting import ReportSummary, report_session
 from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig
 from corolla.errors import InvalidInput
+from corolla.ledger.api.client import LedgerClient
 from corolla.ledger.audit import audit
-from corolla.ledger.client import LedgerClient
-from corolla.ledger.process import LedgerProcess
 from corolla.ledger.sources import HttpSource
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.launcher import LocalSwarm, NodeProcess
-from corolla.node.manifest import load_manifest
-from corolla.node.span import load_span
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
-from corolla.scenarios import FreeLoad, earn_until, latency_ms, paid_vs_free, ticket_budget
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.manifest import load_manifest
+from corolla.node.model.span import load_span
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
+from corolla.simulations.ledger_process import LedgerProcess
+from corolla.simulations.live import LocalSwarm, NodeProcess
+from corolla.simulations.scenes import FreeLoad, earn_until, latency_ms, paid_vs_free, ticket_budget
 from corolla.verify.identity import load_or_create_identity
 
 __all__ = ["register", "run_demo"]

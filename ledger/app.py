@@ -23,7 +23,15 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corolla.errors import CorollaError, InvalidInput, LedgerRefused, VerificationError
-from corolla.ledger.api_models import (
+from corolla.ledger.api.envelope import (
+    HEADER_AUTHOR,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    Envelope,
+)
+from corolla.ledger.api.models import Account
+from corolla.ledger.bodies import (
     BuyTicketBody,
     EvidenceBody,
     PairsBody,
@@ -31,17 +39,9 @@ from corolla.ledger.api_models import (
     ReportBody,
     SlashBody,
 )
-from corolla.ledger.canonical import encode
-from corolla.ledger.envelope import (
-    HEADER_AUTHOR,
-    HEADER_NONCE,
-    HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
-    Envelope,
-)
 from corolla.ledger.reader import LedgerReader
-from corolla.ledger.state import Account
 from corolla.ledger.store import LedgerStore
+from corolla.verify.fast_encoding import encode
 
 __all__ = ["MAX_PAGE", "create_app"]
 

@@ -34,19 +34,20 @@ from pathlib import Path
 from typing import Any
 
 from corolla.errors import CorollaError, InvalidInput, VerificationError
-from corolla.ledger.canonical import encode
-from corolla.ledger.checking import Checked, LoggedReferee, OperationChecker, check_operation
+from corolla.ledger.api.models import Draft
+from corolla.ledger.audit_checks import Checked, LoggedReferee, OperationChecker, check_operation
 from corolla.ledger.config import LedgerRules
-from corolla.ledger.entries import Draft, RawEntry, RawOperation, raw_leaf_hash
+from corolla.ledger.entries import RawEntry, RawOperation, raw_leaf_hash
 from corolla.ledger.operations import apply
 from corolla.ledger.sources import LogSource
 from corolla.ledger.state import MemoryState
-from corolla.ledger.tickets import Ticket, verify_ticket
-from corolla.ledger.verdicts import RefereeLike
 from corolla.verify.checkpoints import Checkpoint, verify_checkpoint
 from corolla.verify.encoding import decode
+from corolla.verify.fast_encoding import encode
 from corolla.verify.identity import peer_name_of
 from corolla.verify.merkle import MerkleTree, verify_consistency
+from corolla.verify.referee import RefereeLike
+from corolla.verify.tickets import Ticket, verify_ticket
 
 __all__ = ["AuditFailed", "AuditReport", "audit"]
 
@@ -93,7 +94,7 @@ def audit(
     referee: RefereeLike | None = None,
 ) -> AuditReport:
     """Audit ``source``; raise :class:`AuditFailed` at the first fault, else report. With
-    ``referee`` (the model, :class:`~corolla.ledger.referee.Referee`), convictions by the
+    ``referee`` (the model, :class:`~corolla.node.referee.Referee`), convictions by the
     ledger's referee are recomputed."""
     remembered = _load_state(state_file)
     pinned_key = None if remembered is None else bytes.fromhex(remembered["ledger_key"])

@@ -17,16 +17,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from corolla.errors import InvalidInput
+from corolla.ledger.api.client import LedgerClient
+from corolla.ledger.api.models import Account, Entry
 from corolla.ledger.audit import AuditFailed, AuditReport, audit
-from corolla.ledger.client import LedgerClient
 from corolla.ledger.config import LedgerRules, ServiceLimits
-from corolla.ledger.entries import Entry
-from corolla.ledger.referee import Referee, RefereeConfig
 from corolla.ledger.server import DEFAULT_PORT, ServeConfig, serve
 from corolla.ledger.sources import DbSource, HttpSource, LogSource
-from corolla.ledger.state import Account
 from corolla.ledger.store import DEFAULT_ORIGIN
 from corolla.verify.identity import load_identity
+from corolla.verify.referee import RefereeConfig, RefereeFactory, RefereeLike
 
 __all__ = ["ledger_app", "register"]
 
@@ -42,9 +41,20 @@ Url = Annotated[str, typer.Option("--url", help="Ledger URL.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def register(app: typer.Typer) -> None:
-    """Add the ``ledger`` sub-command group to ``app``."""
+_referee_factory: list[RefereeFactory] = []
+
+
+def register(app: typer.Typer, referee_factory: RefereeFactory | None = None) -> None:
+    """Add the ``ledger`` sub-command group to ``app``; ``referee_factory`` runs
+    ``--referee-model`` (the command root passes the node's referee)."""
+    _referee_factory[:] = [] if referee_factory is None else [referee_factory]
     app.add_typer(ledger_app, name="ledger")
+
+
+def _make_referee(config: RefereeConfig) -> RefereeLike:
+    if not _referee_factory:
+        raise InvalidInput("this command was built without a referee: --referee-model is not here")
+    return _referee_factory[0](config)
 
 
 @ledger_app.command("serve")
@@ -129,7 +139,8 @@ def serve_command(
             workers=workers,
             referee=referee,
             seed_verifiers=tuple(_account_key(text) for text in seed_verifier or ()),
-        )
+        ),
+        _referee_factory[0] if _referee_factory else None,
     )
 
 
@@ -153,7 +164,7 @@ def audit_command(
     """Recompute the whole ledger from its log and check every signature and invariant."""
     if (url is None) == (db is None):
         raise InvalidInput("give exactly one of --url and --db")
-    referee = None if referee_model is None else Referee(RefereeConfig(referee_model))
+    referee = None if referee_model is None else _make_referee(RefereeConfig(referee_model))
     source: LogSource = HttpSource(url) if url is not None else DbSource(db)  # type: ignore[arg-type]
     console = Console(stderr=True)
     try:

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corolla.errors import BadSignature, InvalidInput, LedgerRefused
+from corolla.ledger.api.envelope import Envelope, verify_envelope
+from corolla.ledger.api.models import Draft, b64decode
 from corolla.ledger.config import ServiceLimits
-from corolla.ledger.entries import Draft, b64decode
-from corolla.ledger.envelope import Envelope, verify_envelope
-from corolla.ledger.judging import apply_evidence, apply_slash
+from corolla.ledger.fraud import Findings, apply_evidence, apply_slash
 from corolla.ledger.reports import parse_report, verify_report
 from corolla.ledger.rules import (
     VerifiedAttestation,
@@ -34,9 +34,9 @@ from corolla.ledger.rules import (
     verify_pairs,
 )
 from corolla.ledger.state import LedgerState, ensure_account, standing_of
-from corolla.ledger.tickets import Ticket
-from corolla.ledger.verdicts import Findings, RefereeLike
 from corolla.verify.identity import SIGNATURE_SIZE, peer_name_of
+from corolla.verify.referee import RefereeLike
+from corolla.verify.tickets import Ticket
 
 __all__ = ["Outcome", "Prepared", "apply", "prepare"]
 
@@ -96,7 +96,7 @@ def prepare(
     _check_body(action, body)
     if action == "evidence":
         # Imported here: examining evidence needs torch, which nothing else in the ledger does.
-        from corolla.ledger.evidence import examine
+        from corolla.ledger.fraud import examine
 
         findings = examine(b64decode(body["evidence"]), referee)
         return Prepared(envelope, body, findings=findings)

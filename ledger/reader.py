@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from corolla.errors import InvalidInput, LedgerError
-from corolla.ledger.entries import Entry, Operation, b64encode, parse_json
-from corolla.ledger.envelope import Envelope, body_digest
+from corolla.ledger.api.envelope import Envelope, body_digest
+from corolla.ledger.api.models import Account, Entry, Operation, b64encode, parse_json
 from corolla.ledger.schema import connect
-from corolla.ledger.state import Account
-from corolla.ledger.tickets import Ticket
 from corolla.verify.checkpoints import Checkpoint
 from corolla.verify.encoding import canonical, decode
 from corolla.verify.merkle import consistency_proof, inclusion_proof, root_from_perfect
+from corolla.verify.tickets import Ticket
 
 __all__ = ["LedgerReader", "SqlTree", "entry_from_row"]
 

@@ -30,8 +30,8 @@ from itertools import pairwise
 from typing import Any
 
 from corolla.errors import BadReceipt, InvalidInput, VerificationError
-from corolla.ledger.records import chain_digest, check_signature, signed_digest
 from corolla.verify.digests import GENESIS_CHAIN
+from corolla.verify.fast_records import chain_digest, check_signature, signed_digest
 from corolla.verify.identity import peer_name_of
 from corolla.verify.receipts import Receipt, StepRequest
 

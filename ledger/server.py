@@ -1,12 +1,19 @@
-"""Run the ledger service: ``python -m corolla.ledger.server --db PATH --key PATH`` (the same
-as ``corolla ledger serve``)."""
+"""Run the ledger service (``corolla ledger serve``; ``python -m corolla.ledger_server`` starts
+faster, for harnesses).
+
+A referee (a process recomputing accused spans) is not the ledger's own code: whoever starts the
+server hands it a :data:`~corolla.verify.referee.RefereeFactory` (the command root passes the
+node's :class:`~corolla.node.referee.Referee`). Worker processes of a multi-process server find
+the same factory by its import path."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +23,9 @@ import uvicorn
 from corolla.errors import CorollaError, InvalidInput
 from corolla.ledger.app import create_app
 from corolla.ledger.config import LedgerRules, ServiceLimits
-from corolla.ledger.referee import Referee, RefereeConfig
 from corolla.ledger.store import DEFAULT_ORIGIN, LedgerStore
 from corolla.verify.identity import load_identity, load_or_create_identity
+from corolla.verify.referee import RefereeConfig, RefereeFactory, RefereeLike
 
 __all__ = ["ServeConfig", "main", "serve"]
 
@@ -46,10 +53,17 @@ class ServeConfig:
     """Verifiers a new log trusts from its genesis (see ``LedgerRules.min_verifier_reputation``)."""
 
 
-def serve(config: ServeConfig) -> None:
-    """Open (or create) the ledger and serve it until interrupted."""
+def serve(config: ServeConfig, referee_factory: RefereeFactory | None = None) -> None:
+    """Open (or create) the ledger and serve it until interrupted. ``referee_factory`` builds
+    the referee of ``config.referee`` (required when one is configured)."""
     identity = load_or_create_identity(config.key)
-    referee = None if config.referee is None or config.workers > 1 else Referee(config.referee)
+    if config.referee is not None and referee_factory is None:
+        raise InvalidInput("a referee is configured but this entry point cannot run one")
+    referee = (
+        None
+        if config.referee is None or config.workers > 1 or referee_factory is None
+        else referee_factory(config.referee)
+    )
     store = LedgerStore(
         config.db,
         identity,
@@ -69,6 +83,9 @@ def serve(config: ServeConfig) -> None:
                 "rules": config.rules.to_dict(),
                 "limits": asdict(config.limits),
                 "referee": None if config.referee is None else _referee_dict(config.referee),
+                "referee_factory": None
+                if referee_factory is None
+                else f"{referee_factory.__module__}:{referee_factory.__qualname__}",
             }
         )
         uvicorn.run(
@@ -101,16 +118,19 @@ def serve(config: ServeConfig) -> None:
 def app_from_environment() -> Any:
     """The app of one worker process of a multi-process server (configured by ``serve``)."""
     settings = json.loads(os.environ[_CONFIG_VARIABLE])
-    referee = settings["referee"]
+    referee: RefereeLike | None = None
+    if settings["referee"] is not None:
+        module, _, name = settings["referee_factory"].partition(":")
+        factory = getattr(importlib.import_module(module), name)
+        referee = factory(RefereeConfig(Path(settings["referee"]["model_dir"]),
+                                        settings["referee"]["max_tokens"]))  # fmt: skip
     store = LedgerStore(
         Path(settings["db"]),
         load_identity(Path(settings["key"])),
         origin=settings["origin"],
         rules=LedgerRules.from_dict(settings["rules"]),
         limits=ServiceLimits(**settings["limits"]),
-        referee=None
-        if referee is None
-        else Referee(RefereeConfig(Path(referee["model_dir"]), referee["max_tokens"])),
+        referee=referee,
     )
     return create_app(store)
 
@@ -125,8 +145,9 @@ def _referee_dict(config: RefereeConfig) -> dict[str, Any]:
     return {"model_dir": str(config.model_dir), "max_tokens": config.max_tokens}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry of ``python -m corolla.ledger.server``."""
+def main(argv: Sequence[str] | None = None, referee_factory: RefereeFactory | None = None) -> None:
+    """The quick-starting command line (``python -m corolla.ledger_server``): the same options
+    as ``corolla ledger serve`` without loading the rest of the command."""
     defaults, limits = LedgerRules(), ServiceLimits()
     parser = argparse.ArgumentParser(prog="python -m corolla.ledger.server")
     parser.add_argument("--db", type=Path, required=True)
@@ -170,11 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             else RefereeConfig(args.referee_model, args.referee_max_tokens),
             seed_verifiers=tuple(_hex_key(text) for text in args.seed_verifier),
         )
-        serve(config)
+        serve(config, referee_factory)
     except CorollaError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corolla.errors import InvalidInput, LedgerError
-from corolla.ledger.client import LedgerClient
-from corolla.ledger.entries import RawEntry, RawOperation, b64decode, from_hex
+from corolla.ledger.api.client import LedgerClient
+from corolla.ledger.api.models import Account, b64decode, from_hex
+from corolla.ledger.entries import RawEntry, RawOperation
 from corolla.ledger.reader import LedgerReader, SqlTree
-from corolla.ledger.state import Account
 from corolla.verify.checkpoints import Checkpoint
 from corolla.verify.merkle import consistency_proof
 

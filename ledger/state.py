@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from corolla.errors import InvalidInput
+from corolla.ledger.api.models import Account, Draft
 from corolla.ledger.config import LedgerRules
-from corolla.ledger.entries import Draft
 from corolla.ledger.rules import Rect, Standing
-from corolla.ledger.tickets import Ticket
+from corolla.verify.tickets import Ticket
 
 __all__ = [
     "Account",
@@ -34,18 +34,6 @@ class TicketState:
 
     ticket: Ticket
     spent: int
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    """An account's derived state. A slashed account earns nothing more and is never trusted
-    as a verifier again."""
-
-    key: bytes
-    name: str
-    balance: int
-    reputation: int
-    slashed: bool = False
 
 
 class LedgerState(Protocol):

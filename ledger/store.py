@@ -16,21 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from corolla.errors import LedgerError, LedgerRefused
-from corolla.ledger.canonical import encode
+from corolla.ledger.api.envelope import Envelope, body_digest, now_ms, sign_envelope
+from corolla.ledger.api.models import Account, Draft
 from corolla.ledger.config import LedgerRules, ServiceLimits
-from corolla.ledger.entries import Draft, RawEntry, raw_leaf_hash, stored_json
-from corolla.ledger.envelope import Envelope, body_digest, now_ms, sign_envelope
+from corolla.ledger.entries import RawEntry, raw_leaf_hash, stored_json
 from corolla.ledger.operations import Outcome, Prepared, apply, prepare
 from corolla.ledger.reader import LedgerReader, SqlTree
 from corolla.ledger.rules import Rect
 from corolla.ledger.schema import connect, create_schema
-from corolla.ledger.state import Account, TicketState, effect_of
-from corolla.ledger.tickets import Ticket
-from corolla.ledger.verdicts import RefereeLike
+from corolla.ledger.state import TicketState, effect_of
 from corolla.verify.checkpoints import Checkpoint, sign_checkpoint
 from corolla.verify.encoding import canonical, decode
+from corolla.verify.fast_encoding import encode
 from corolla.verify.identity import Identity, peer_name_of
 from corolla.verify.merkle import completed_subtrees, node_hash, root_from_perfect
+from corolla.verify.referee import RefereeLike
+from corolla.verify.tickets import Ticket
 
 __all__ = ["DEFAULT_ORIGIN", "LedgerStore", "SqlState"]
 

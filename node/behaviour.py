@@ -13,7 +13,7 @@ from typing import cast
 
 import torch
 
-from corolla.node.span import BetweenBlocks, Span, SpanCache
+from corolla.node.model.span import BetweenBlocks, Span, SpanCache
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest, make_receipt
 

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.manifest import load_manifest
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.manifest import load_manifest
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
 
 __all__ = ["model_app", "node_app", "register"]
 

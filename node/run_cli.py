@@ -17,13 +17,13 @@ from typing import Annotated, Any
 import typer
 
 from corolla.errors import InvalidInput
-from corolla.node.checkpoint import parse_span
+from corolla.node.model.checkpoint import parse_span
+from corolla.node.protocol.messages import WireLimits
 from corolla.node.scheduler import SchedulerConfig
 from corolla.node.server import DEFAULT_IDENTITY, NodeConfig, run_node
 from corolla.node.service import ServiceConfig
 from corolla.node.sessions import SessionConfig
-from corolla.node.tickets import TicketConfig, parse_ledger_key
-from corolla.node.wire import WireLimits
+from corolla.node.ticket_book import TicketConfig, parse_ledger_key
 
 __all__ = ["node_config", "register_node_run", "with_node_options"]
 

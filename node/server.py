@@ -8,7 +8,7 @@ Lifecycle of :func:`run_node`:
 4. announce ``joining``, load the span, measure its throughput with real forward passes;
 5. register the RPC handlers, announce ``online``, print ``listening on <multiaddr>``;
 6. re-announce every ``refresh_period`` (records expire after twice that) and, with a ledger
-   URL, print the node's points when they change (:mod:`corolla.node.points`) and redeem its
+   URL, print the node's points when they change (:mod:`corolla.node.balance_watch`) and redeem its
    ticketed work (:mod:`corolla.node.settlement`);
 7. on SIGINT/SIGTERM announce ``offline``, stop the handlers, redeem what is left (bounded),
    stop the DHT and its daemons, exit 0.
@@ -37,12 +37,12 @@ import torch
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
-from corolla import __version__
 from corolla.errors import InvalidInput, NodeUnavailable
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.manifest import Manifest, load_manifest
-from corolla.node.points import PointsWatcher, check_ledger_url
-from corolla.node.records import (
+from corolla.node.balance_watch import PointsWatcher, check_ledger_url
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.manifest import Manifest, load_manifest
+from corolla.node.model.span import Span, load_span
+from corolla.node.protocol.records import (
     NodeState,
     RecordValidator,
     ServerRecord,
@@ -53,8 +53,8 @@ from corolla.node.records import (
 )
 from corolla.node.service import BENCHMARK_UNSIGNED_ENV, Behaviour, NodeService, ServiceConfig
 from corolla.node.settlement import Settlement, fetch_ledger_key
-from corolla.node.span import Span, load_span
 from corolla.verify.identity import Identity, load_or_create_identity, peer_name_of
+from corolla.version import __version__
 
 __all__ = [
     "DEFAULT_IDENTITY",
@@ -202,7 +202,7 @@ async def _trusted_ledger(config: NodeConfig) -> ServiceConfig:
     service = config.service
     if config.ledger is None:
         return service
-    from corolla.ledger.client import AsyncLedgerClient, ClientConfig
+    from corolla.ledger.api.client import AsyncLedgerClient, ClientConfig
 
     url = check_ledger_url(config.ledger)
     try:

@@ -10,11 +10,11 @@ timeout or an internal failure of the span ends the stream. Compute runs on one 
 the event loop keeps serving other peers.
 
 Every computation (inference steps and one-shot forwards) waits its turn in one
-:class:`~corolla.node.scheduler.PriorityScheduler`: steps of sessions whose ticket the node
-honours (:mod:`corolla.node.tickets`) run at high priority, everything else free; a full queue is
-a ``busy`` refusal that leaves the session as it was. A ticket is checked at ``open`` (the reply
-says ``high`` or ``free`` and why) and charged per step; a ticket that is not honoured, or runs
-out, never fails a step: the step runs free and its reply carries a note. Charged steps' (request,
+:class:`~corolla.node.scheduler.PriorityScheduler`: steps of sessions whose ticket the node honours
+(:mod:`corolla.node.ticket_book`) run at high priority, everything else free; a full queue is a
+``busy`` refusal that leaves the session as it was. A ticket is checked at ``open`` (the reply says
+``high`` or ``free`` and why) and charged per step; a ticket that is not honoured, or runs out,
+never fails a step: the step runs free and its reply carries a note. Charged steps' (request,
 receipt) pairs wait in the ticket book for :mod:`corolla.node.settlement` to redeem them.
 
 What a node does with a step goes through a :class:`~corolla.node.behaviour.Behaviour` (honest
@@ -48,16 +48,11 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
-from corolla import PROTOCOL_VERSION, __version__
 from corolla.errors import CorollaError, InvalidInput
 from corolla.node.behaviour import BENCHMARK_UNSIGNED_ENV, Behaviour, unsigned_signer
-from corolla.node.framing import StreamError, read_part, write_parts
-from corolla.node.records import NodeState
-from corolla.node.scheduler import Priority, PriorityScheduler, SchedulerConfig
-from corolla.node.sessions import Session, SessionConfig, SessionTable
-from corolla.node.span import Span
-from corolla.node.tickets import HonouredTicket, TicketBook, TicketConfig
-from corolla.node.wire import (
+from corolla.node.model.span import Span
+from corolla.node.protocol.framing import StreamError, read_part, write_parts
+from corolla.node.protocol.messages import (
     HANDLE_INFERENCE,
     KIND_FORWARD,
     KIND_OPEN,
@@ -79,9 +74,14 @@ from corolla.node.wire import (
     encode_message,
     receive_frame,
 )
+from corolla.node.protocol.records import NodeState
+from corolla.node.scheduler import Priority, PriorityScheduler, SchedulerConfig
+from corolla.node.sessions import Session, SessionConfig, SessionTable
+from corolla.node.ticket_book import HonouredTicket, TicketBook, TicketConfig
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import StepRequest, verify_request, work_units
+from corolla.version import PROTOCOL_VERSION, __version__
 
 __all__ = ["BENCHMARK_UNSIGNED_ENV", "Behaviour", "NodeService", "ServiceConfig"]
 

@@ -8,7 +8,7 @@ else is refused. ``position`` counts the tokens already in the cache over the wh
 (``batch_size * past_length``), as :class:`~corolla.verify.receipts.StepRequest` does.
 
 A session opened with a ticket the node honours holds it (``ticket``, see
-:mod:`corolla.node.tickets`) and runs at high priority until the ticket can no longer pay for a
+:mod:`corolla.node.ticket_book`) and runs at high priority until the ticket can no longer pay for a
 step; it then drops the ticket and runs free.
 """
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from corolla.errors import InvalidInput, NodeBusy
-from corolla.node.span import Span, SpanCache
-from corolla.node.tickets import HonouredTicket
+from corolla.node.model.span import Span, SpanCache
+from corolla.node.ticket_book import HonouredTicket
 from corolla.verify.digests import GENESIS_CHAIN
 from corolla.verify.receipts import StepRequest
 

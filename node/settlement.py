@@ -2,8 +2,8 @@
 
 Every period (``--refresh-period``) and once more at shutdown (bounded), :class:`Settlement`
 takes the (request, receipt) pairs of the steps the node served under tickets
-(:class:`corolla.node.tickets.TicketBook`) and redeems them at the ledger, signed with the node's
-identity, in batches. It prints one line per round that earned something::
+(:class:`corolla.node.ticket_book.TicketBook`) and redeems them at the ledger, signed with the
+node's identity, in batches. It prints one line per round that earned something::
 
     redeemed 1200 block-tokens from 1 ticket(s): +1200 points
 
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from corolla.errors import LedgerError, LedgerRefused
-from corolla.node.tickets import Earned, TicketBook, parse_ledger_key
+from corolla.node.ticket_book import Earned, TicketBook, parse_ledger_key
 from corolla.verify.identity import Identity, peer_name_of
 
 if TYPE_CHECKING:
-    from corolla.ledger.client import AsyncLedgerClient
+    from corolla.ledger.api.client import AsyncLedgerClient
 
 __all__ = ["REDEEMED_PREFIX", "Redemption", "Settlement", "SettlementConfig", "fetch_ledger_key"]
 
@@ -97,7 +97,7 @@ class Settlement:
 
     def client(self) -> AsyncLedgerClient:
         # Imported here: a node needs the ledger's client only when it is given a ledger.
-        from corolla.ledger.client import AsyncLedgerClient, ClientConfig
+        from corolla.ledger.api.client import AsyncLedgerClient, ClientConfig
 
         config = ClientConfig(
             timeout_s=self.config.timeout, attempts=2, batch_pairs=self.config.batch_pairs

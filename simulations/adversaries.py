@@ -39,9 +39,9 @@ import torch
 
 from corolla.errors import InvalidInput
 from corolla.node.behaviour import Behaviour
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.quant import parse_quant, quantize_linears
-from corolla.node.span import BetweenBlocks, Span, SpanCache, load_span
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.quant import parse_quant, quantize_linears
+from corolla.node.model.span import BetweenBlocks, Span, SpanCache, load_span
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest, make_receipt
 

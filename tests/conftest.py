@@ -11,7 +11,7 @@ import pytest_asyncio
 from hivemind.p2p import P2P
 from transformers.utils import logging as hf_logging
 
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()

@@ -2,9 +2,9 @@
 fraud evidence, a live server.
 
 Owned by the ledger's tests (imported as ``ledger_fixtures``; pytest puts ``tests/`` on the
-path). The server helper starts ``python -m corolla.ledger.server`` on a free loopback port
-(:class:`corolla.ledger.process.LedgerProcess`), waits for it with a bounded loop, and always
-stops it.
+path). The server helper starts ``python -m corolla.ledger_server`` on a free loopback port
+(:class:`corolla.simulations.ledger_process.LedgerProcess`), waits for it with a bounded loop,
+and always stops it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from corolla.ledger.process import LedgerProcess, free_port
-from corolla.ledger.reports import Attestation, report_body
+from corolla.ledger.api.reports import Attestation, report_body
+from corolla.simulations.ledger_process import LedgerProcess, free_port
 from corolla.verify import GENESIS_CHAIN, Identity, make_receipt, sign_request, tensor_digest
 from corolla.verify.evidence import FraudEvidence, Recomputation, StepClaim
 from corolla.verify.receipts import Receipt, StepRequest
@@ -228,7 +228,7 @@ def pair_dicts(pairs: list[tuple[StepRequest, Receipt]]) -> list[dict[str, Any]]
 
 
 class LedgerServer(LedgerProcess):
-    """A ledger server process on 127.0.0.1 (``corolla.ledger.process``), as the tests use it."""
+    """A ledger server process on 127.0.0.1, as the tests use it."""
 
     def __init__(self, db: Path, key: Path, *, extra: tuple[str, ...] = ()) -> None:
         super().__init__(db, key, extra=extra)

@@ -1,6 +1,6 @@
 """Real `corolla node run` processes on 127.0.0.1 for tests, always stopped afterwards.
 
-The launcher itself is library code (`corolla.node.launcher`, shared with `corolla demo` and
+The launcher itself is library code (`corolla.simulations.live`, shared with `corolla demo` and
 the benchmarks); this module gives tests its names and a fixture::
 
     from swarm_fixtures import Swarm, node_swarm  # noqa: F401  (node_swarm is a fixture)
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from corolla.node.launcher import LISTENING_PREFIX, NodeProcess
-from corolla.node.launcher import LocalSwarm as Swarm
+from corolla.simulations.live import LISTENING_PREFIX, NodeProcess
+from corolla.simulations.live import LocalSwarm as Swarm
 
 __all__ = ["LISTENING_PREFIX", "NodeProcess", "Swarm", "node_swarm"]
 

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import corolla.node.checkpoint as checkpoint_module
+import corolla.node.model.checkpoint as checkpoint_module
 from corolla.client.head import load_head
 from corolla.errors import CheckpointError, MissingTensor, SpanOutOfRange, UnsupportedModel
-from corolla.node.checkpoint import Checkpoint, parse_span
-from corolla.node.manifest import MANIFEST_FILE, load_manifest
-from corolla.node.span import load_span
+from corolla.node.model.checkpoint import Checkpoint, parse_span
+from corolla.node.model.manifest import MANIFEST_FILE, load_manifest
+from corolla.node.model.span import load_span
 
 
 class _RecordingSafeOpen:

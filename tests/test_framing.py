@@ -10,7 +10,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from corolla.errors import InvalidInput
-from corolla.node.framing import END_OF_STREAM, StreamError, pack_parts, read_part
+from corolla.node.protocol.framing import END_OF_STREAM, StreamError, pack_parts, read_part
 
 
 def _reader(data: bytes) -> asyncio.StreamReader:

@@ -16,13 +16,13 @@ from ledger_fixtures import attest, made_up_evidence, make_pairs, running_server
 from typer.testing import CliRunner
 
 from corolla.errors import BadSignature, LedgerRefused
+from corolla.ledger.api.client import ClientConfig, LedgerClient
+from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.models import b64encode
+from corolla.ledger.api.reports import Attestation, report_body
 from corolla.ledger.audit import audit
 from corolla.ledger.cli import register
-from corolla.ledger.client import ClientConfig, LedgerClient
 from corolla.ledger.config import LedgerRules
-from corolla.ledger.entries import b64encode
-from corolla.ledger.envelope import sign_envelope
-from corolla.ledger.reports import Attestation, report_body
 from corolla.ledger.sources import DbSource, HttpSource
 from corolla.ledger.store import LedgerStore
 from corolla.verify.encoding import canonical

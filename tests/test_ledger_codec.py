@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 from ledger_fixtures import random_pair
 
 from corolla.errors import InvalidInput
-from corolla.ledger.canonical import encode
-from corolla.ledger.entries import Entry, raw_leaf_hash
-from corolla.ledger.records import chain_digest, read_receipt, read_request, signed_digest
+from corolla.ledger.api.models import Entry
+from corolla.ledger.entries import raw_leaf_hash
 from corolla.verify import GENESIS_CHAIN, Identity, sign_request
 from corolla.verify.digests import chain_digest as reference_chain_digest
 from corolla.verify.encoding import INT_MAX, INT_MIN, canonical
+from corolla.verify.fast_encoding import encode
+from corolla.verify.fast_records import chain_digest, read_receipt, read_request, signed_digest
 from corolla.verify.receipts import MAX_BLOCK, MAX_TOKENS
 
 scalars = (

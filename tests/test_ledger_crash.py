@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 from ledger_fixtures import LedgerServer, attested_report
 
+from corolla.ledger.api.envelope import sign_envelope
 from corolla.ledger.audit import audit
-from corolla.ledger.envelope import sign_envelope
 from corolla.ledger.reader import LedgerReader
 from corolla.ledger.sources import DbSource
 from corolla.verify.checkpoints import Checkpoint

@@ -20,18 +20,18 @@ from ledger_fixtures import LedgerServer, running_server
 from typer.testing import CliRunner
 
 from corolla.errors import LedgerRefused
+from corolla.ledger.api.client import LedgerClient
+from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.models import b64encode
+from corolla.ledger.api.reports import Attestation
 from corolla.ledger.cli import register
-from corolla.ledger.client import LedgerClient
-from corolla.ledger.entries import b64encode
-from corolla.ledger.envelope import sign_envelope
-from corolla.ledger.reports import Attestation
 from corolla.ledger.store import LedgerStore
-from corolla.ledger.verdicts import RefereeFinding
-from corolla.node.span import Span, load_span
+from corolla.node.model.span import Span, load_span
 from corolla.verify import GENESIS_CHAIN, make_receipt, sign_request, tensor_digest
 from corolla.verify.encoding import canonical
 from corolla.verify.evidence import FraudEvidence, Recomputation, StepClaim
 from corolla.verify.identity import Identity
+from corolla.verify.referee import RefereeFinding
 
 START, END = 1, 3
 STEPS = (5, 1, 1, 1)  # a prefill of 5 tokens, then three decode steps

@@ -17,8 +17,8 @@ from hypothesis.errors import Unsatisfiable
 from ledger_fixtures import LedgerServer, attest, random_pair, running_server
 
 from corolla.errors import CorollaError
-from corolla.ledger.envelope import sign_envelope
-from corolla.ledger.reports import report_body
+from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.reports import report_body
 from corolla.verify.encoding import INT_MAX, canonical
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import MAX_BLOCK, MAX_TOKENS

@@ -22,10 +22,10 @@ from ledger_fixtures import (
 from typer.testing import CliRunner
 
 from corolla.errors import LedgerError, LedgerRefused
+from corolla.ledger.api.client import ClientConfig, LedgerClient
+from corolla.ledger.api.envelope import sign_envelope
 from corolla.ledger.audit import audit
 from corolla.ledger.cli import register
-from corolla.ledger.client import ClientConfig, LedgerClient
-from corolla.ledger.envelope import sign_envelope
 from corolla.ledger.sources import HttpSource
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity, load_identity

@@ -17,19 +17,19 @@ from hypothesis import strategies as st
 from ledger_fixtures import attest, made_up_evidence, make_pairs, pair_dicts, seed_identity
 
 from corolla.errors import BadReceipt, BadSignature, LedgerRefused
+from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.models import b64encode
+from corolla.ledger.api.reports import Attestation, report_body
 from corolla.ledger.audit import audit
 from corolla.ledger.config import LedgerRules
-from corolla.ledger.entries import b64encode
-from corolla.ledger.envelope import sign_envelope
-from corolla.ledger.reports import Attestation, report_body
 from corolla.ledger.rules import SignedPair, area, uncovered, verify_pairs
 from corolla.ledger.sources import DbSource
 from corolla.ledger.store import LedgerStore
-from corolla.ledger.tickets import Ticket
 from corolla.verify import make_receipt
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest
+from corolla.verify.tickets import Ticket
 
 LEDGER = seed_identity("ledger")
 CLIENT = seed_identity("client")

@@ -22,15 +22,15 @@ from ledger_fixtures import (
 )
 from typer.testing import CliRunner, Result
 
+from corolla.ledger.api.client import LedgerClient
+from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.models import b64encode
 from corolla.ledger.cli import register
-from corolla.ledger.client import LedgerClient
-from corolla.ledger.entries import b64encode
-from corolla.ledger.envelope import sign_envelope
 from corolla.ledger.reader import LedgerReader
 from corolla.ledger.store import LedgerStore
-from corolla.ledger.tickets import Ticket
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity, save_identity
+from corolla.verify.tickets import Ticket
 
 LEDGER = seed_identity("ledger")
 CLIENT = seed_identity("client")

@@ -13,15 +13,15 @@ from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from swarm_fixtures import Swarm
 
-from corolla import PROTOCOL_VERSION
 from corolla.errors import BadReceipt, BadSignature, CorollaError, InvalidInput
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.manifest import Manifest, load_manifest
-from corolla.node.records import RecordValidator, fetch_records
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.manifest import Manifest, load_manifest
+from corolla.node.model.span import Span, load_span
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.protocol.messages import StepMessage
+from corolla.node.protocol.records import RecordValidator, fetch_records
+from corolla.node.protocol.stream import request_forward, request_info
 from corolla.node.service import Behaviour
-from corolla.node.span import Span, load_span
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
-from corolla.node.wire import StepMessage, request_forward, request_info
 from corolla.simulations.adversaries import (
     ADVERSARIES,
     AdversaryOptions,
@@ -34,6 +34,7 @@ from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import StepRequest, sign_request, verify_receipt
 from corolla.verify.tolerance import compare, token_errors
+from corolla.version import PROTOCOL_VERSION
 
 NODE = Identity.generate()
 CLIENT = Identity.generate()

@@ -14,12 +14,12 @@ from hivemind.p2p import PeerID
 from ledger_fixtures import attest, free_port, make_pairs, running_server
 from swarm_fixtures import Swarm
 
-import corolla.ledger.process as ledger_process
+import corolla.simulations.ledger_process as ledger_process
 from corolla.cli import main
-from corolla.ledger.client import AsyncLedgerClient, ClientConfig, LedgerClient
-from corolla.node.points import POINTS_PREFIX, PointsWatcher
-from corolla.node.records import RecordValidator
-from corolla.node.wire import request_info
+from corolla.ledger.api.client import AsyncLedgerClient, ClientConfig, LedgerClient
+from corolla.node.balance_watch import POINTS_PREFIX, PointsWatcher
+from corolla.node.protocol.records import RecordValidator
+from corolla.node.protocol.stream import request_info
 from corolla.verify.identity import Identity, load_identity
 
 pytestmark = pytest.mark.timeout(240)
@@ -44,7 +44,7 @@ async def test_the_watcher_prints_the_balance_each_change_and_one_warning_per_ou
 ):
     node = Identity.generate()
     port = free_port()
-    # The ledger comes up on that port (the server helper lives in corolla.ledger.process).
+    # The ledger comes up on that port (corolla.simulations.ledger_process starts it).
     monkeypatch.setattr(ledger_process, "free_port", lambda: port)
     out = io.StringIO()
     watcher = PointsWatcher(f"http://127.0.0.1:{port}", node.public_key, period=1.0, out=out)

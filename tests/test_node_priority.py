@@ -26,30 +26,23 @@ from hivemind.p2p import P2P, PeerID
 from ledger_fixtures import attest, free_port, make_pairs, running_server, seed_identity
 from swarm_fixtures import Swarm
 
-from corolla import PROTOCOL_VERSION
 from corolla.cli import main
 from corolla.errors import NodeBusy
-from corolla.ledger.client import AsyncLedgerClient, LedgerClient
-from corolla.ledger.tickets import Ticket, issue_ticket
+from corolla.ledger.api.client import AsyncLedgerClient, LedgerClient
 from corolla.node.behaviour import Behaviour
+from corolla.node.model.span import Span, load_span
+from corolla.node.protocol.messages import OpenSession, SessionOpened, StepMessage, StepOutput
+from corolla.node.protocol.stream import InferenceStream, request_forward, request_info
 from corolla.node.scheduler import Priority, SchedulerConfig
 from corolla.node.service import NodeService, ServiceConfig
 from corolla.node.settlement import REDEEMED_PREFIX, Settlement
-from corolla.node.span import Span, load_span
-from corolla.node.tickets import TicketBook, TicketConfig
-from corolla.node.wire import (
-    InferenceStream,
-    OpenSession,
-    SessionOpened,
-    StepMessage,
-    StepOutput,
-    request_forward,
-    request_info,
-)
+from corolla.node.ticket_book import TicketBook, TicketConfig
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity, load_identity
 from corolla.verify.receipts import sign_request, verify_receipt, work_units
+from corolla.verify.tickets import Ticket, issue_ticket
+from corolla.version import PROTOCOL_VERSION
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 

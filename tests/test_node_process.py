@@ -15,19 +15,20 @@ from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from swarm_fixtures import Swarm
 
-from corolla import PROTOCOL_VERSION
 from corolla.cli import main
 from corolla.errors import BadReceipt, BadSignature
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.manifest import load_manifest
-from corolla.node.records import NodeState, RecordValidator, ServerRecord, fetch_records
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.manifest import load_manifest
+from corolla.node.protocol.messages import OpenSession, StepMessage
+from corolla.node.protocol.records import NodeState, RecordValidator, ServerRecord, fetch_records
+from corolla.node.protocol.stream import InferenceStream
 from corolla.node.run_cli import node_config, run, with_node_options
 from corolla.node.server import NodeConfig
-from corolla.node.wire import InferenceStream, OpenSession, StepMessage
 from corolla.simulations.node_cli import node as simulate_node
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import sign_request, verify_receipt
+from corolla.version import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.timeout(240)
 

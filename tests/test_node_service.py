@@ -1,7 +1,7 @@
 """The node service over real hivemind daemons: good sessions, and every kind of bad input.
 
-An in-process :class:`NodeService` serves blocks 0:2 of the tiny BLOOM on one P2P daemon; the
-test talks to it from another daemon through the raw client of :mod:`corolla.node.wire`. After
+An in-process :class:`NodeService` serves blocks 0:2 of the tiny BLOOM on one P2P daemon; the test
+talks to it from another daemon through the raw client of :mod:`corolla.node.protocol.stream`. After
 each refusal the node must still serve a good step, on the same stream or a new one.
 """
 
@@ -16,33 +16,30 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from corolla import PROTOCOL_VERSION
 from corolla.errors import NodeBusy, NodeUnavailable, RemoteError
-from corolla.node.framing import END_OF_STREAM, pack_parts, read_part
-from corolla.node.service import NodeService, ServiceConfig
-from corolla.node.sessions import SessionConfig
-from corolla.node.span import Span, load_span
-from corolla.node.wire import (
+from corolla.node.model.span import Span, load_span
+from corolla.node.protocol.framing import END_OF_STREAM, pack_parts, read_part
+from corolla.node.protocol.messages import (
     HANDLE_FORWARD,
     HANDLE_INFERENCE,
     HANDLE_INFO,
     KIND_FORWARD,
     MESSAGE_CAP_BYTES,
-    InferenceStream,
     Message,
     OpenSession,
     StepMessage,
     StepOutput,
     WireLimits,
     encode_message,
-    read_reply,
-    request_forward,
-    request_info,
 )
+from corolla.node.protocol.stream import InferenceStream, read_reply, request_forward, request_info
+from corolla.node.service import NodeService, ServiceConfig
+from corolla.node.sessions import SessionConfig
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import sign_request, verify_receipt
+from corolla.version import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -6,12 +6,12 @@ import os
 
 import pytest
 
-from corolla import PROTOCOL_VERSION
 from corolla.errors import InvalidInput, NodeBusy
+from corolla.node.model.span import load_span
 from corolla.node.sessions import SessionConfig, SessionTable
-from corolla.node.span import load_span
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import sign_request
+from corolla.version import PROTOCOL_VERSION
 
 CLIENT = Identity.generate()
 

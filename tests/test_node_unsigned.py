@@ -12,19 +12,20 @@ import pytest
 import torch
 from swarm_fixtures import Swarm
 
-from corolla import PROTOCOL_VERSION
 from corolla.client.generation import GenerationConfig, generate
 from corolla.client.head import load_head
 from corolla.client.local import LocalBackbone
 from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.swarm import ClientConfig
 from corolla.errors import BadSignature, RemoteError
+from corolla.node.model.span import load_span
+from corolla.node.protocol.messages import OpenSession, StepMessage
+from corolla.node.protocol.stream import InferenceStream, request_forward
 from corolla.node.service import BENCHMARK_UNSIGNED_ENV, NodeService, ServiceConfig
-from corolla.node.span import load_span
-from corolla.node.wire import InferenceStream, OpenSession, StepMessage, request_forward
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import sign_request, verify_receipt
+from corolla.version import PROTOCOL_VERSION
 
 ASYNC = pytest.mark.asyncio(loop_scope="module")
 

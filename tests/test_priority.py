@@ -18,9 +18,9 @@ from swarm_fixtures import Swarm
 from test_swarm_cli import corolla
 
 from corolla.client.generation import GenerationConfig
-from corolla.ledger.client import LedgerClient
-from corolla.ledger.process import LedgerProcess
-from corolla.scenarios import (
+from corolla.ledger.api.client import LedgerClient
+from corolla.simulations.ledger_process import LedgerProcess
+from corolla.simulations.scenes import (
     FreeLoad,
     buy_ticket,
     client_model,

@@ -15,7 +15,7 @@ from corolla.client.generation import GenerationConfig, generate
 from corolla.client.head import load_head
 from corolla.client.local import LocalBackbone
 from corolla.errors import InvalidInput
-from corolla.node.span import load_span
+from corolla.node.model.span import load_span
 
 TOLERANCE = {"int8": 0.05, "nf4": 0.5}
 MEMORY_AT_MOST = {"int8": 0.35, "nf4": 0.25}  # of fp32 weight bytes

@@ -10,7 +10,7 @@ from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from corolla.errors import BadSignature, InvalidInput
-from corolla.node.records import (
+from corolla.node.protocol.records import (
     NodeState,
     RecordValidator,
     ServerRecord,

@@ -12,7 +12,7 @@ from corolla.client.generation import GenerationConfig, generate
 from corolla.client.head import load_head
 from corolla.client.local import LocalBackbone, even_splits
 from corolla.errors import SpanOutOfRange
-from corolla.node.span import load_span
+from corolla.node.model.span import load_span
 
 SPLITS = {
     "one span": [(0, 4)],

@@ -21,8 +21,8 @@ import torch
 
 from corolla.client.head import load_head
 from corolla.errors import InvalidInput
-from corolla.node.span import Span, load_span
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.model.span import Span, load_span
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
 from corolla.verify.tolerance import (
     PROFILES,
     TOLERANCES,

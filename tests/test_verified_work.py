@@ -18,11 +18,11 @@ from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.reporting import report_session
 from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig
+from corolla.ledger.api.client import LedgerClient
 from corolla.ledger.audit import audit
-from corolla.ledger.client import LedgerClient
-from corolla.ledger.process import LedgerProcess
 from corolla.ledger.sources import HttpSource
-from corolla.node.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
+from corolla.simulations.ledger_process import LedgerProcess
 from corolla.verify.identity import load_or_create_identity
 
 PROMPT = "Verified work earns points"

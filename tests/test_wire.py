@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from corolla import PROTOCOL_VERSION
 from corolla.errors import InvalidInput, NodeBusy, RemoteError
-from corolla.node.wire import (
+from corolla.node.protocol.messages import (
     MESSAGE_CAP_BYTES,
     PART_BYTES,
     ErrorCode,
@@ -34,6 +31,7 @@ from corolla.verify.digests import tensor_digest
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import make_receipt, sign_request
+from corolla.version import PROTOCOL_VERSION
 
 LIMITS = WireLimits()
 
@@ -318,25 +316,3 @@ def test_error_replies_become_the_matching_exceptions():
 def test_error_reply_with_unknown_code_is_refused():
     with pytest.raises(InvalidInput):
         ErrorReply.from_message(Message("error", {"code": "nope", "message": "x", "step": None}))
-
-
-@pytest.mark.parametrize("first", ["corolla.node.wire", "corolla.node.wire_client"])
-def test_the_raw_client_is_importable_from_wire_and_wire_client_in_either_order(first):
-    """`corolla.node.wire` re-exports the client that moved to `wire_client` (a fresh
-    interpreter, so neither module is imported yet)."""
-    code = (
-        f"import {first}\n"
-        "from corolla.node import wire, wire_client\n"
-        "from corolla.node.wire import InferenceStream, read_reply, request_forward, request_info\n"
-        "assert InferenceStream is wire_client.InferenceStream\n"
-        "assert request_info is wire_client.request_info\n"
-        "assert {'InferenceStream', 'request_info'} <= set(wire.__all__)\n"
-        "try:\n"
-        "    wire.no_such_name\n"
-        "except AttributeError:\n"
-        "    print('ok')\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
-    assert result.stdout.strip() == "ok", result.stderr

@@ -1,54 +1,37 @@
 """The ledger's referee: its own recomputation of an accused span, from the model on disk
 (``corolla ledger serve --referee-model DIR``, ``corolla ledger audit --referee-model DIR``).
 
-It loads blocks ``[start, end)`` of the model with the evidence profile's quantization (through
-:func:`corolla.node.span.load_span`: the one place the ledger uses the node package, imported
-only when a referee is configured), checks that the model and span digests are the ones the
-accused's receipts name, runs the accused's whole input prefix in one forward call, and compares
+It loads blocks ``[start, end)`` of the model with the evidence profile's quantization (a node's own
+span loader: the ledger never imports this module; the command root hands it to the ledger as a
+:data:`~corolla.verify.referee.RefereeFactory`), checks that the model and span digests are the ones
+the accused's receipts name, runs the accused's whole input prefix in one forward call, and compares
 the accused's claimed outputs with its own under the profile's measured tolerance. Its work is
-bounded: at most ``max_tokens`` (batch x tokens) per piece of evidence, one recomputation at a
-time, a few loaded spans kept.
-"""
+bounded: at most ``max_tokens`` (batch x tokens) per piece of evidence, one recomputation at a time,
+a few loaded spans kept. """
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from corolla.errors import CorollaError, InvalidInput
-from corolla.ledger.verdicts import RefereeFinding
+from corolla.errors import CorollaError
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.manifest import load_manifest
+from corolla.node.model.span import load_span
+from corolla.verify.referee import RefereeConfig, RefereeFinding
+from corolla.verify.tolerance import compare, tolerance_for
 
-__all__ = ["Referee", "RefereeConfig"]
+__all__ = ["Referee"]
 
-_log = logging.getLogger("corolla.ledger.referee")
-
-
-@dataclass(frozen=True, slots=True)
-class RefereeConfig:
-    """Where the referee's model is and how much work one piece of evidence may ask of it."""
-
-    model_dir: Path
-    max_tokens: int = 8192
-    """Most (batch x tokens) positions one recomputation may run."""
-    cached_spans: int = 4
-    """Loaded spans kept in memory (a span is loaded on first use)."""
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1 or self.cached_spans < 1:
-            raise InvalidInput("the referee's max_tokens and cached_spans must be positive")
+_log = logging.getLogger("corolla.node.referee")
 
 
 class Referee:
     """Recomputes accused spans of one model (thread-safe; one recomputation at a time)."""
 
     def __init__(self, config: RefereeConfig) -> None:
-        from corolla.node.checkpoint import Checkpoint
-        from corolla.node.manifest import load_manifest
-
         self.config = config
         self._checkpoint = Checkpoint(config.model_dir)
         self._manifest = load_manifest(self._checkpoint)
@@ -61,8 +44,6 @@ class Referee:
 
         ``evidence`` is a ``FraudEvidence`` that passed ``check_evidence``. The finding is
         ``declined`` (with why) when this referee cannot judge it."""
-        from corolla.verify.tolerance import compare, tolerance_for
-
         claim = evidence.claims[0].request
         if claim.model_digest != self.model_digest:
             return _declined("the referee does not host the accused's model")
@@ -93,8 +74,6 @@ class Referee:
         )
 
     def _span(self, start: int, end: int, quant: str) -> Any:
-        from corolla.node.span import load_span
-
         key = (start, end, quant)
         span = self._spans.get(key)
         if span is None:

@@ -1,7 +1,7 @@
 """The node's ticket book: which priority tickets it honours, how much of each it has served,
 and the ticketed work waiting to be redeemed at the ledger.
 
-A client attaches a ticket (:class:`corolla.ledger.tickets.Ticket`, encoded with
+A client attaches a ticket (:class:`corolla.verify.tickets.Ticket`, encoded with
 ``canonical(ticket.to_value())``) to the ``open`` message of a session. :meth:`TicketBook.admit`
 honours it only if all of these hold, checked in this order:
 
@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from corolla.errors import CorollaError, InvalidInput
-from corolla.ledger.tickets import Ticket, verify_ticket
 from corolla.verify.encoding import decode
 from corolla.verify.identity import PUBLIC_KEY_SIZE, peer_name_of
 from corolla.verify.receipts import Receipt, StepRequest, work_units
+from corolla.verify.tickets import Ticket, verify_ticket
 
 __all__ = [
     "Admission",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from corolla.errors import CheckpointError
-from corolla.node.checkpoint import Checkpoint
+from corolla.node.model.checkpoint import Checkpoint
 from corolla.verify.digests import tensor_digest
 from corolla.verify.encoding import domain_digest
 

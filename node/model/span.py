@@ -11,10 +11,10 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
 from corolla.errors import CheckpointError, InvalidInput, MissingTensor, SpanOutOfRange
-from corolla.node.checkpoint import Checkpoint
-from corolla.node.families import Family
-from corolla.node.manifest import Manifest, block_digest, load_manifest
-from corolla.node.quant import Quant, module_bytes, parse_quant, quantize_linears
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.families import Family
+from corolla.node.model.manifest import Manifest, block_digest, load_manifest
+from corolla.node.model.quant import Quant, module_bytes, parse_quant, quantize_linears
 
 __all__ = ["BetweenBlocks", "Span", "SpanCache", "load_span"]
 

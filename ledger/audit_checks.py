@@ -23,14 +23,15 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from corolla.errors import CorollaError, InvalidInput, LedgerError, VerificationError
-from corolla.ledger.canonical import encode
+from corolla.ledger.api.envelope import Envelope, body_digest
+from corolla.ledger.api.models import parse_json
 from corolla.ledger.config import ServiceLimits
-from corolla.ledger.entries import RawEntry, RawOperation, parse_json
-from corolla.ledger.envelope import Envelope, body_digest
+from corolla.ledger.entries import RawEntry, RawOperation
 from corolla.ledger.operations import Prepared, prepare
 from corolla.ledger.rules import VerifiedAttestation, VerifiedStep
-from corolla.ledger.verdicts import RefereeFinding, RefereeLike
 from corolla.verify.encoding import decode
+from corolla.verify.fast_encoding import encode
+from corolla.verify.referee import RefereeFinding, RefereeLike
 
 __all__ = [
     "AUDIT_LIMITS",

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from corolla.errors import CheckpointError, MissingTensor, SpanOutOfRange
-from corolla.node.families import Family, family_for
+from corolla.node.model.families import Family, family_for
 
 __all__ = ["Checkpoint", "parse_span"]
 

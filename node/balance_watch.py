@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 from corolla.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from corolla.ledger.client import AsyncLedgerClient
+    from corolla.ledger.api.client import AsyncLedgerClient
 
 __all__ = ["POINTS_PREFIX", "PointsWatcher", "check_ledger_url"]
 
@@ -58,7 +58,7 @@ class PointsWatcher:
         """Poll until ``stop`` is set."""
         try:
             # Imported here: a node needs the ledger's client only when it is given a ledger.
-            from corolla.ledger.client import AsyncLedgerClient, ClientConfig
+            from corolla.ledger.api.client import AsyncLedgerClient, ClientConfig
 
             config = ClientConfig(timeout_s=self.timeout, attempts=1)
             ledger = AsyncLedgerClient(self.url, config=config)

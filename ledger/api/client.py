@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from corolla.errors import InvalidInput, LedgerError, LedgerRefused
-from corolla.ledger.entries import Entry, Operation, b64encode, from_hex
-from corolla.ledger.envelope import sign_envelope
-from corolla.ledger.reports import Attestation, report_batches, report_body
-from corolla.ledger.state import Account
-from corolla.ledger.tickets import Ticket, verify_ticket
+from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.models import Account, Entry, Operation, b64encode, from_hex
+from corolla.ledger.api.reports import Attestation, report_batches, report_body
 from corolla.verify.checkpoints import Checkpoint, verify_checkpoint
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest
+from corolla.verify.tickets import Ticket, verify_ticket
 
 if TYPE_CHECKING:
     from corolla.verify.evidence import FraudEvidence

@@ -4,8 +4,7 @@ What a caller sees: :class:`~corolla.errors.NodeBusy` (the node refused for capa
 is still usable), :class:`~corolla.errors.RemoteError` (the node refused the message or sent a
 malformed reply; the stream is still usable unless the node ended it) and
 :class:`~corolla.errors.NodeUnavailable` (timeout, dropped stream, unreachable: the stream is
-dead). Messages, framing and limits are in :mod:`corolla.node.wire`, which re-exports every name
-here, so ``from corolla.node.wire import InferenceStream`` keeps working.
+dead). Messages, framing and limits are in :mod:`corolla.node.protocol.messages`.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.errors import InvalidInput, NodeUnavailable, RemoteError
-from corolla.node.framing import END_OF_STREAM, StreamError, read_part, write_parts
-from corolla.node.wire import (
+from corolla.node.protocol.framing import END_OF_STREAM, StreamError, read_part, write_parts
+from corolla.node.protocol.messages import (
     HANDLE_FORWARD,
     HANDLE_INFERENCE,
     HANDLE_INFO,

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
-from corolla.node.families.base import Family, Head, causal_mask
+from corolla.node.model.families.base import Family, Head, causal_mask
 
 __all__ = ["BLOOM"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from corolla.errors import UnsupportedModel
-from corolla.node.families.base import Family, Head, causal_mask, sdpa_causal_mask
-from corolla.node.families.bloom import BLOOM
-from corolla.node.families.llama import LLAMA
+from corolla.node.model.families.base import Family, Head, causal_mask, sdpa_causal_mask
+from corolla.node.model.families.bloom import BLOOM
+from corolla.node.model.families.llama import LLAMA
 
 __all__ = ["FAMILIES", "Family", "Head", "causal_mask", "family_for", "sdpa_causal_mask"]
 

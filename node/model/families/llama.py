@@ -14,7 +14,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from corolla.node.families.base import Family, Head, sdpa_causal_mask
+from corolla.node.model.families.base import Family, Head, sdpa_causal_mask
 
 __all__ = ["LLAMA"]
 

@@ -27,7 +27,7 @@ Typed messages (:class:`OpenSession`, :class:`SessionOpened`, :class:`StepMessag
 :class:`Message` and validate every field.
 
 The raw client (:func:`request_info`, :func:`request_forward`, :class:`InferenceStream`,
-:func:`read_reply`) lives in :mod:`corolla.node.wire_client`; its names are re-exported here.
+:func:`read_reply`) lives in :mod:`corolla.node.protocol.stream`; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -35,26 +35,18 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
-from corolla import PROTOCOL_VERSION
 from corolla.errors import CorollaError, InvalidInput, NodeBusy, NodeError, RemoteError
 from corolla.verify.digests import DIGEST_SIZE
 from corolla.verify.encoding import Value, canonical, decode
 from corolla.verify.identity import PUBLIC_KEY_SIZE
 from corolla.verify.receipts import SESSION_ID_SIZE, Receipt, StepRequest
-
-if TYPE_CHECKING:  # at run time, __getattr__ below imports them (wire_client imports this module)
-    from corolla.node.wire_client import (
-        InferenceStream,
-        read_reply,
-        request_forward,
-        request_info,
-    )
+from corolla.version import PROTOCOL_VERSION
 
 __all__ = [
     "DTYPES",
@@ -78,7 +70,6 @@ __all__ = [
     "ErrorCode",
     "ErrorReply",
     "Frame",
-    "InferenceStream",
     "Message",
     "NodeInfo",
     "OpenSession",
@@ -90,10 +81,7 @@ __all__ = [
     "deserialize_tensor",
     "encode_message",
     "handle_name",
-    "read_reply",
     "receive_frame",
-    "request_forward",
-    "request_info",
     "serialize_tensor",
 ]
 
@@ -513,8 +501,8 @@ class ErrorReply:
 class NodeInfo:
     """Node -> client, answer to ``rpc_info``: what the node serves and how much room it has.
 
-    Not signed: the DHT record (:mod:`corolla.node.records`) is the signed announcement; every
-    activation is covered by a receipt signed with ``public_key``.
+    Not signed: the DHT record (:mod:`corolla.node.protocol.records`) is the signed announcement;
+    every activation is covered by a receipt signed with ``public_key``.
     """
 
     peer_id: str
@@ -651,17 +639,3 @@ def _body(
             f"{sorted(allowed - names)}"
         )
     return dict(message.body)
-
-
-# --------------------------------------------------------------------------- raw client
-
-_CLIENT_NAMES = frozenset({"InferenceStream", "read_reply", "request_forward", "request_info"})
-
-
-def __getattr__(name: str) -> object:
-    """The raw client's names, from :mod:`corolla.node.wire_client` (imported on first use)."""
-    if name in _CLIENT_NAMES:
-        from corolla.node import wire_client
-
-        return getattr(wire_client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 class LedgerProcess:
-    """`python -m corolla.ledger.server` on a free loopback port; its output goes to a log."""
+    """`python -m corolla.ledger_server` on a free loopback port; its output goes to a log."""
 
     def __init__(
         self,
@@ -45,7 +45,7 @@ class LedgerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = db.with_suffix(f".{self.port}.log")
         command = [
-            sys.executable, "-m", "corolla.ledger.server", "--db", str(db), "--key", str(key),
+            sys.executable, "-m", "corolla.ledger_server", "--db", str(db), "--key", str(key),
             "--host", "127.0.0.1", "--port", str(self.port), *extra,
         ]  # fmt: skip
         self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()

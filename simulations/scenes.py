@@ -28,9 +28,9 @@ from corolla.client.reporting import report_session
 from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig
 from corolla.errors import LedgerError, NodeUnavailable
-from corolla.ledger.client import LedgerClient
-from corolla.node.launcher import LocalSwarm, NodeProcess
-from corolla.node.wire import PRIORITY_FREE
+from corolla.ledger.api.client import LedgerClient
+from corolla.node.protocol.messages import PRIORITY_FREE
+from corolla.simulations.live import LocalSwarm, NodeProcess
 from corolla.verify.identity import load_or_create_identity
 
 __all__ = [
@@ -163,7 +163,7 @@ class FreeLoad:
         try:
             for index in range(clients):
                 command = [
-                    sys.executable, "-c", "from corolla.scenarios import _free_client; "
+                    sys.executable, "-c", "from corolla.simulations.scenes import _free_client; "
                     "_free_client()", str(self.model_dir), self.swarm.initial_peers[0], self.node,
                     str(self.keys / f"free{index}.key"), self.prompt,
                     str(self.config.max_new_tokens),
