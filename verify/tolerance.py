@@ -22,20 +22,30 @@ Profile names map to the (dtype, quantization) a node announces, see :data:`PROF
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from corolla.errors import InvalidInput
 
 __all__ = [
+    "CALIBRATION_FILE",
     "PROFILES",
     "TOLERANCES",
+    "Calibration",
     "Comparison",
     "Tolerance",
     "compare",
+    "load_calibrations",
     "profile_of",
+    "save_calibrations",
     "token_errors",
     "tolerance_for",
 ]
@@ -110,8 +120,14 @@ def token_errors(claimed: torch.Tensor, recomputed: torch.Tensor) -> torch.Tenso
     return torch.where(scale > 0, difference / scale.clamp_min(torch.finfo(torch.float64).tiny), 0)
 
 
-def compare(claimed: torch.Tensor, recomputed: torch.Tensor, profile: str) -> Comparison:
-    """Compare a node's claimed output with a verifier's recomputation under `profile`.
+def compare(
+    claimed: torch.Tensor,
+    recomputed: torch.Tensor,
+    profile: str,
+    threshold: float | None = None,
+) -> Comparison:
+    """Compare a node's claimed output with a verifier's recomputation under `profile`, with
+    the profile's default threshold or ``threshold`` (a model's calibrated one).
 
     claimed, recomputed: the same shape [..., hidden] (e.g. [batch, tokens, hidden]) and the
     profile's dtype. Raises InvalidInput on a mismatch, an empty tensor, or a non-finite
@@ -128,11 +144,12 @@ def compare(claimed: torch.Tensor, recomputed: torch.Tensor, profile: str) -> Co
     errors = torch.where(finite_tokens, errors, math.inf).flatten()
     worst = int(errors.argmax())
     score = float(errors[worst])
+    limit = tolerance.threshold if threshold is None else _positive("threshold", threshold)
     return Comparison(
         profile=tolerance.profile,
-        passed=score <= tolerance.threshold,
+        passed=score <= limit,
         score=score,
-        threshold=tolerance.threshold,
+        threshold=limit,
         token_scores=tuple(errors.tolist()),
         worst_token=worst,
     )
@@ -156,3 +173,130 @@ def _check_pair(claimed: torch.Tensor, recomputed: torch.Tensor, tolerance: Tole
             f"claimed shape {tuple(claimed.shape)} differs from recomputed shape "
             f"{tuple(recomputed.shape)}"
         )
+
+
+CALIBRATION_FILE = "corolla-tolerance.json"
+"""Where a checkpoint's measured tolerances live, beside its manifest."""
+_CALIBRATION_FORMAT = "corolla-tolerance/1"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One model's measured honest divergence under one profile, and the rules set from it.
+
+    ``threshold`` (a check fails above it) is ``honest_max x threshold_margin``; the *honest
+    floor* (``honest_max x floor_margin``) is the score under which a recomputation that picks
+    another token is still taken as honest rounding (the head rule)."""
+
+    model_digest: bytes
+    profile: str
+    checked_steps: int
+    honest_max: float
+    honest_p999: float
+    threshold_margin: float
+    floor_margin: float
+    command: str
+    """The command that measured it (so anyone can measure it again)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_digest, bytes) or len(self.model_digest) != 32:
+            raise InvalidInput("a calibration's model digest is 32 bytes")
+        tolerance_for(self.profile)
+        if isinstance(self.checked_steps, bool) or not isinstance(self.checked_steps, int):
+            raise InvalidInput("a calibration's checked_steps is an integer")
+        if self.checked_steps < 1:
+            raise InvalidInput("a calibration measured at least one checked step")
+        for name in ("honest_max", "honest_p999"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput(f"a calibration's {name} is a number")
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidInput(f"a calibration's {name} is a finite number >= 0")
+        for name in ("threshold_margin", "floor_margin"):
+            _positive(name, getattr(self, name))
+        if not 1 <= self.floor_margin <= self.threshold_margin:
+            raise InvalidInput("a calibration's floor margin is between 1 and its threshold margin")
+        if not isinstance(self.command, str) or len(self.command) > 1000:
+            raise InvalidInput("a calibration's command is text of at most 1000 characters")
+
+    @property
+    def threshold(self) -> float:
+        return max(self.honest_max, _SMALLEST) * self.threshold_margin
+
+    @property
+    def honest_floor(self) -> float:
+        return max(self.honest_max, _SMALLEST) * self.floor_margin
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model_digest"] = self.model_digest.hex()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Calibration:
+        names = set(cls.__dataclass_fields__)
+        if not isinstance(data, Mapping) or set(data) != names:
+            raise InvalidInput(f"a calibration has exactly the fields {sorted(names)}")
+        digest = data["model_digest"]
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise InvalidInput("a calibration's model digest is 64 hex digits")
+        try:
+            raw = bytes.fromhex(digest)
+        except ValueError:
+            raise InvalidInput("a calibration's model digest is not hex") from None
+        return cls(**{**data, "model_digest": raw})
+
+
+_SMALLEST = 1e-9
+"""A floor for calibrations that measured only bit-identical recomputations."""
+
+
+def load_calibrations(path: Path, model_digest: bytes | None = None) -> dict[str, Calibration]:
+    """The calibrations in ``path`` (a ``corolla-tolerance.json``), by profile; with
+    ``model_digest``, refuse a file measured on another model. Raises :class:`InvalidInput`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidInput(f"{path}: no such calibration file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise InvalidInput(f"{path}: not a calibration file ({error})") from None
+    if not isinstance(data, dict) or data.get("format") != _CALIBRATION_FORMAT:
+        raise InvalidInput(f"{path}: not a {_CALIBRATION_FORMAT} file")
+    items = data.get("calibrations")
+    if not isinstance(items, list) or not items:
+        raise InvalidInput(f'{path}: "calibrations" must be a non-empty list')
+    found: dict[str, Calibration] = {}
+    for item in items:
+        calibration = Calibration.from_dict(item)
+        if calibration.profile in found:
+            raise InvalidInput(f"{path}: profile {calibration.profile} is calibrated twice")
+        if model_digest is not None and calibration.model_digest != model_digest:
+            raise InvalidInput(f"{path}: measured on another model ({item['model_digest'][:16]})")
+        found[calibration.profile] = calibration
+    return found
+
+
+def save_calibrations(path: Path, calibrations: list[Calibration]) -> None:
+    """Write ``calibrations`` to ``path`` atomically (a reader never sees half a file)."""
+    body = {
+        "format": _CALIBRATION_FORMAT,
+        "calibrations": [c.to_dict() for c in calibrations],
+    }
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(body, out, indent=2, sort_keys=True)
+            out.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"a {name} is a number")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInput(f"a {name} is a finite number > 0")
+    return float(value)
