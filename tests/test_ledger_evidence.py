@@ -26,6 +26,7 @@ from corolla.ledger.api.models import b64encode
 from corolla.ledger.api.reports import Attestation
 from corolla.ledger.cli import register
 from corolla.ledger.store import LedgerStore
+from corolla.ledger_server import load_referee
 from corolla.node.model.span import Span, load_span
 from corolla.verify import GENESIS_CHAIN, make_receipt, sign_request, tensor_digest
 from corolla.verify.encoding import canonical
@@ -291,7 +292,7 @@ def test_an_auditor_with_the_model_catches_a_referee_that_convicts_an_honest_nod
 
 def run(*args: str) -> str:
     app = typer.Typer()
-    register(app)
+    register(app, referee_factory=load_referee)
     result = CliRunner().invoke(app, ["ledger", *args])
     return f"exit {result.exit_code}: {result.output}"
 
