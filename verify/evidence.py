@@ -35,7 +35,9 @@ __all__ = [
     "Recomputation",
     "StepClaim",
     "check_evidence",
+    "pack_tensor",
     "split_steps",
+    "unpack_tensor",
 ]
 
 EVIDENCE_FORMAT = "corolla-evidence-v1"
@@ -84,11 +86,16 @@ class FraudEvidence:
                 "format": EVIDENCE_FORMAT,
                 "profile": self.profile,
                 "claims": [
-                    [c.request.to_bytes(), c.receipt.to_bytes(), _pack(c.input), _pack(c.output)]
+                    [
+                        c.request.to_bytes(),
+                        c.receipt.to_bytes(),
+                        pack_tensor(c.input),
+                        pack_tensor(c.output),
+                    ]
                     for c in self.claims
                 ],
                 "recomputations": [
-                    [r.request.to_bytes(), r.receipt.to_bytes(), _pack(r.output)]
+                    [r.request.to_bytes(), r.receipt.to_bytes(), pack_tensor(r.output)]
                     for r in self.recomputations
                 ],
             }
@@ -118,8 +125,8 @@ class FraudEvidence:
                 StepClaim(
                     StepRequest.from_bytes(_as_bytes(item[0])),
                     Receipt.from_bytes(_as_bytes(item[1])),
-                    _unpack(item[2]),
-                    _unpack(item[3]),
+                    unpack_tensor(item[2]),
+                    unpack_tensor(item[3]),
                 )
             )
         parsed_recomputations = []
@@ -129,7 +136,7 @@ class FraudEvidence:
                 Recomputation(
                     StepRequest.from_bytes(_as_bytes(item[0])),
                     Receipt.from_bytes(_as_bytes(item[1])),
-                    _unpack(item[2]),
+                    unpack_tensor(item[2]),
                 )
             )
         return cls(value["profile"], tuple(parsed_claims), tuple(parsed_recomputations))
@@ -163,6 +170,7 @@ def check_evidence(evidence: FraudEvidence) -> EvidenceCheck:
     """
     claims = evidence.claims
     first = claims[0].request
+    _check_shapes(evidence)
     chain = GENESIS_CHAIN
     position = 0
     for index, claim in enumerate(claims):
@@ -221,7 +229,36 @@ def check_evidence(evidence: FraudEvidence) -> EvidenceCheck:
     return EvidenceCheck(evidence.accused, first.client_key, tuple(comparisons))
 
 
-def _pack(tensor: torch.Tensor) -> dict[str, object]:
+def _check_shapes(evidence: FraudEvidence) -> None:
+    """Every tensor fits the others before any tensor math: claims share batch and hidden size,
+    each step's tensors hold the tokens its request names, and each recomputation covers them
+    all (a validly signed but inconsistent piece of evidence is refused, not a crash)."""
+    batch, _, hidden = evidence.claims[0].input.shape
+    total = 0
+    for index, claim in enumerate(evidence.claims):
+        shape = claim.input.shape
+        if shape[0] != batch or shape[2] != hidden:
+            raise InvalidInput(
+                f"claim {index}'s input is {tuple(shape)}, but the session's steps are "
+                f"[{batch}, tokens, {hidden}]"
+            )
+        if claim.output.shape != shape:
+            raise InvalidInput(f"claim {index}'s output and input shapes differ")
+        if shape[0] * shape[1] != claim.request.tokens:
+            raise InvalidInput(
+                f"claim {index}'s tensors hold {shape[0] * shape[1]} tokens, its request "
+                f"{claim.request.tokens}"
+            )
+        total += shape[1]
+    for index, recomputation in enumerate(evidence.recomputations):
+        if tuple(recomputation.output.shape) != (batch, total, hidden):
+            raise InvalidInput(
+                f"recomputation {index} is {tuple(recomputation.output.shape)}, the claims "
+                f"[{batch}, {total}, {hidden}]"
+            )
+
+
+def pack_tensor(tensor: torch.Tensor) -> dict[str, object]:
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in _DTYPES:
         raise InvalidInput(f"evidence tensors must be one of {sorted(_DTYPES)}, not {dtype}")
@@ -233,7 +270,7 @@ def _pack(tensor: torch.Tensor) -> dict[str, object]:
     }
 
 
-def _unpack(value: object) -> torch.Tensor:
+def unpack_tensor(value: object) -> torch.Tensor:
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
         raise InvalidInput("an evidence tensor holds exactly dtype, shape and data")
     dtype = _DTYPES.get(value["dtype"]) if isinstance(value["dtype"], str) else None

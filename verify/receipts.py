@@ -335,7 +335,7 @@ def verify_receipt(
     request: StepRequest,
     output: torch.Tensor | None = None,
     output_digest: bytes | None = None,
-    previous_chain: bytes,
+    previous_chain: bytes | None,
     node_key: bytes | None = None,
 ) -> None:
     """Check that ``receipt`` is the expected node's true statement about ``request``.
@@ -343,9 +343,11 @@ def verify_receipt(
     Raises :class:`BadSignature` if the receipt is not signed by ``node_key`` (when given) or by
     the key it names; then :class:`BadReceipt` if the authentic receipt disagrees with the
     request, with the tensor actually received (``output``) or its digest (``output_digest``),
-    or with ``previous_chain``. An authentic but inconsistent receipt is evidence against its
-    node. At least one of ``output`` and ``output_digest`` must be given. The request's own
-    signature is checked by :func:`verify_request`.
+    or with ``previous_chain`` (``None``: the session's earlier steps are not at hand, so the
+    chain is not checked; the receipt still binds its request and output). An authentic but
+    inconsistent receipt is evidence against its node. At least one of ``output`` and
+    ``output_digest`` must be given. The request's own signature is checked by
+    :func:`verify_request`.
     """
     if output is None and output_digest is None:
         raise InvalidInput("verify_receipt needs the output tensor or its digest")
@@ -365,6 +367,8 @@ def verify_receipt(
         raise BadReceipt(f"receipt from node {node} names another output than the one received")
     if output_digest is not None and output_digest != receipt.output_digest:
         raise BadReceipt(f"receipt from node {node} names another output digest")
+    if previous_chain is None:
+        return
     expected_chain = chain_digest(
         previous_chain, receipt.step, receipt.input_digest, receipt.output_digest
     )
