@@ -128,7 +128,7 @@ def server(db: Path, key: Path, processes: int = 1):
         [
             sys.executable,
             "-m",
-            "corolla.ledger.server",
+            "corolla.ledger_server",
             "--db",
             str(db),
             "--key",

@@ -43,7 +43,7 @@ from corolla.ledger.sources import LogSource
 from corolla.ledger.state import MemoryState
 from corolla.verify.checkpoints import Checkpoint, verify_checkpoint
 from corolla.verify.encoding import decode
-from corolla.verify.fast_encoding import encode
+from corolla.verify.fast import encode
 from corolla.verify.identity import peer_name_of
 from corolla.verify.merkle import MerkleTree, verify_consistency
 from corolla.verify.referee import RefereeLike

@@ -30,7 +30,7 @@ from corolla.ledger.entries import RawEntry, RawOperation
 from corolla.ledger.operations import Prepared, prepare
 from corolla.ledger.rules import VerifiedAttestation, VerifiedStep
 from corolla.verify.encoding import decode
-from corolla.verify.fast_encoding import encode
+from corolla.verify.fast import encode
 from corolla.verify.referee import RefereeFinding, RefereeLike
 
 __all__ = [

@@ -18,16 +18,17 @@ from rich.table import Table
 
 from corolla.errors import InvalidInput
 from corolla.ledger.api.client import LedgerClient
-from corolla.ledger.api.models import Account, Entry
-from corolla.ledger.audit import AuditFailed, AuditReport, audit
+from corolla.ledger.api.models import Account
+from corolla.ledger.audit import AuditFailed, audit
 from corolla.ledger.config import LedgerRules, ServiceLimits
-from corolla.ledger.server import DEFAULT_PORT, ServeConfig, serve
+from corolla.ledger.server import DEFAULT_PORT, ServeConfig, ServeOptions, serve
 from corolla.ledger.sources import DbSource, HttpSource, LogSource
 from corolla.ledger.store import DEFAULT_ORIGIN
+from corolla.ledger.views import entry_detail, entry_dict, report_dict, report_table
 from corolla.verify.identity import load_identity
 from corolla.verify.referee import RefereeConfig, RefereeFactory, RefereeLike
 
-__all__ = ["ledger_app", "register"]
+__all__ = ["ledger_app", "register", "run_serve", "serving_line"]
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 
@@ -57,90 +58,114 @@ def _make_referee(config: RefereeConfig) -> RefereeLike:
     return _referee_factory[0](config)
 
 
+# The serve command's form: one annotated type per option, then one line per option below.
+DbOption = Annotated[Path, typer.Option("--db", help="SQLite database (created if missing).")]
+KeyOption = Annotated[
+    Path, typer.Option("--key", help="The ledger's identity key file (created if missing).")
+]
+HostOption = Annotated[str, typer.Option("--host")]
+PortOption = Annotated[int, typer.Option("--port")]
+OriginOption = Annotated[str, typer.Option("--origin", help="Name of the log.")]
+CreditOption = Annotated[
+    int, typer.Option("--credit-per-block-token", help="Points per block-token (new logs).")
+]
+PriceOption = Annotated[
+    int, typer.Option("--ticket-price", help="Points per ticket block-token (new logs).")
+]
+WorkersOption = Annotated[
+    int, typer.Option("--workers", min=1, help="Server processes (one writer at a time).")
+]
+FeeOption = Annotated[
+    int,
+    typer.Option(
+        "--verifier-fee-permille",
+        min=0,
+        help="A verifier's fee per block-token it recomputes, in thousandths of the work "
+        "credit (new logs).",
+    ),
+]
+ReputationOption = Annotated[
+    int,
+    typer.Option(
+        "--min-verifier-reputation",
+        min=0,
+        help="Reputation a verifier needs for its checks to count (new logs).",
+    ),
+]
+RefereeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--referee-model", help="Judge fraud evidence by recomputing it with this model checkpoint."
+    ),
+]
+RefereeTokensOption = Annotated[
+    int, typer.Option("--referee-max-tokens", min=1, help="Most positions per recomputation.")
+]
+EvidenceBytesOption = Annotated[
+    int, typer.Option("--max-evidence-bytes", min=1024, help="Largest evidence body.")
+]
+SeedOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--seed-verifier",
+        help="Public key (hex) or key file of a verifier a new log trusts from its start "
+        "(repeatable; needed when --min-verifier-reputation is above 0).",
+    ),
+]
+_RULES, _LIMITS = LedgerRules(), ServiceLimits()
+
+
 @ledger_app.command("serve")
 def serve_command(
-    db: Annotated[Path, typer.Option("--db", help="SQLite database (created if missing).")],
-    key: Annotated[
-        Path, typer.Option("--key", help="The ledger's identity key file (created if missing).")
-    ] = Path(".corolla/ledger.key"),
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = DEFAULT_PORT,
-    origin: Annotated[str, typer.Option("--origin", help="Name of the log.")] = DEFAULT_ORIGIN,
-    credit: Annotated[
-        int, typer.Option("--credit-per-block-token", help="Points per block-token (new logs).")
-    ] = 1,
-    price: Annotated[
-        int, typer.Option("--ticket-price", help="Points per ticket block-token (new logs).")
-    ] = 1,
-    workers: Annotated[
-        int, typer.Option("--workers", min=1, help="Server processes (one writer at a time).")
-    ] = 1,
-    fee: Annotated[
-        int,
-        typer.Option(
-            "--verifier-fee-permille",
-            min=0,
-            help="A verifier's fee per block-token it recomputes, in thousandths of the work "
-            "credit (new logs).",
-        ),
-    ] = LedgerRules().verifier_fee_permille,
-    min_reputation: Annotated[
-        int,
-        typer.Option(
-            "--min-verifier-reputation",
-            min=0,
-            help="Reputation a verifier needs for its checks to count (new logs).",
-        ),
-    ] = LedgerRules().min_verifier_reputation,
-    referee_model: Annotated[
-        Path | None,
-        typer.Option(
-            "--referee-model",
-            help="Judge fraud evidence by recomputing it with this model checkpoint.",
-        ),
-    ] = None,
-    referee_max_tokens: Annotated[
-        int, typer.Option("--referee-max-tokens", min=1, help="Most positions per recomputation.")
-    ] = 8192,
-    max_evidence_bytes: Annotated[
-        int, typer.Option("--max-evidence-bytes", min=1024, help="Largest evidence body.")
-    ] = ServiceLimits().max_evidence_body_bytes,
-    seed_verifier: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--seed-verifier",
-            help="Public key (hex) or key file of a verifier a new log trusts from its start "
-            "(repeatable; needed when --min-verifier-reputation is above 0).",
-        ),
-    ] = None,
+    db: DbOption,
+    key: KeyOption = Path(".corolla/ledger.key"),
+    host: HostOption = "127.0.0.1",
+    port: PortOption = DEFAULT_PORT,
+    origin: OriginOption = DEFAULT_ORIGIN,
+    credit: CreditOption = _RULES.credit_per_block_token,
+    price: PriceOption = _RULES.ticket_price_per_block_token,
+    workers: WorkersOption = 1,
+    fee: FeeOption = _RULES.verifier_fee_permille,
+    min_reputation: ReputationOption = _RULES.min_verifier_reputation,
+    referee_model: RefereeOption = None,
+    referee_max_tokens: RefereeTokensOption = 8192,
+    max_evidence_bytes: EvidenceBytesOption = _LIMITS.max_evidence_body_bytes,
+    seed_verifier: SeedOption = None,
 ) -> None:
     """Serve a ledger over HTTP (OpenAPI document at /docs)."""
-    rules = LedgerRules(
+    options = ServeOptions(
+        db=db,
+        key=key,
+        host=host,
+        port=port,
+        origin=origin,
         credit_per_block_token=credit,
-        ticket_price_per_block_token=price,
+        ticket_price=price,
         verifier_fee_permille=fee,
         min_verifier_reputation=min_reputation,
+        workers=workers,
+        referee_model=referee_model,
+        referee_max_tokens=referee_max_tokens,
+        max_body_bytes=_LIMITS.max_body_bytes,
+        max_evidence_bytes=max_evidence_bytes,
+        seed_verifiers=tuple(_account_key(text) for text in seed_verifier or ()),
     )
-    referee = None if referee_model is None else RefereeConfig(referee_model, referee_max_tokens)
-    judged = "no referee" if referee is None else f"referee model {referee_model}"
-    typer.echo(
-        f"ledger {origin} on http://{host}:{port} (docs at /docs), database {db}, {judged}",
-        err=True,
-    )
-    serve(
-        ServeConfig(
-            db=db,
-            key=key,
-            host=host,
-            port=port,
-            origin=origin,
-            rules=rules,
-            limits=ServiceLimits(max_evidence_body_bytes=max_evidence_bytes),
-            workers=workers,
-            referee=referee,
-            seed_verifiers=tuple(_account_key(text) for text in seed_verifier or ()),
-        ),
-        _referee_factory[0] if _referee_factory else None,
+    run_serve(options)
+
+
+def run_serve(options: ServeOptions) -> None:
+    """Say what is served, then serve it until interrupted."""
+    config = options.config()
+    typer.echo(serving_line(config), err=True)
+    serve(config, _referee_factory[0] if _referee_factory else None)
+
+
+def serving_line(config: ServeConfig) -> str:
+    """The one line ``corolla ledger serve`` prints on start."""
+    judged = "no referee" if config.referee is None else f"referee model {config.referee.model_dir}"
+    return (
+        f"ledger {config.origin} on http://{config.host}:{config.port} (docs at /docs), "
+        f"database {config.db}, {judged}"
     )
 
 
@@ -201,9 +226,9 @@ def audit_command(
     finally:
         source.close()
     if as_json:
-        typer.echo(json.dumps(_report_dict(report)))
+        typer.echo(json.dumps(report_dict(report)))
     else:
-        Console().print(_report_table(report, remembered=state is not None))
+        Console().print(report_table(report, remembered=state is not None))
 
 
 @ledger_app.command("balance")
@@ -219,7 +244,7 @@ def balance_command(
     if found is None:
         found = Account(key, "", 0, 0)
     if as_json:
-        typer.echo(json.dumps(_account_dict(found)))
+        typer.echo(json.dumps(found.to_dict()))
     else:
         slashed = "  SLASHED (earns nothing, not trusted as a verifier)" if found.slashed else ""
         typer.echo(
@@ -239,7 +264,7 @@ def history_command(
     with LedgerClient(url) as client:
         entries = client.history(key, limit=limit)
     if as_json:
-        typer.echo(json.dumps([_entry_dict(entry) for entry in entries]))
+        typer.echo(json.dumps([entry_dict(entry) for entry in entries]))
         return
     table = Table(title=f"history of {key.hex()[:16]}")
     for column in ("seq", "kind", "amount", "reference", "detail", "time (ms)"):
@@ -250,7 +275,7 @@ def history_command(
             entry.kind,
             str(entry.amount),
             entry.ref.hex()[:16],
-            _detail(entry),
+            entry_detail(entry),
             str(entry.time),
         )
     Console().print(table)
@@ -269,7 +294,7 @@ def top_command(
     with LedgerClient(url) as client:
         accounts = client.top(by, limit)
     if as_json:
-        typer.echo(json.dumps([_account_dict(account) for account in accounts]))
+        typer.echo(json.dumps([account.to_dict() for account in accounts]))
         return
     table = Table(title=f"top {limit} by {by}")
     for column in ("#", "account", "name", "balance", "reputation"):
@@ -319,98 +344,3 @@ def _hex32(text: str, name: str) -> bytes:
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
         raise InvalidInput(f"{name} must be 64 lowercase hex digits")
     return bytes.fromhex(text)
-
-
-def _account_dict(account: Account) -> dict[str, Any]:
-    return {
-        "account": account.key.hex(),
-        "name": account.name,
-        "balance": account.balance,
-        "reputation": account.reputation,
-        "slashed": account.slashed,
-    }
-
-
-def _entry_dict(entry: Entry) -> dict[str, Any]:
-    return {
-        "seq": entry.seq,
-        "kind": entry.kind,
-        "account": entry.account.hex(),
-        "amount": entry.amount,
-        "ref": entry.ref.hex(),
-        "detail": _detail(entry),
-        "time": entry.time,
-    }
-
-
-def _detail(entry: Entry) -> str:
-    """One line on what an entry means, from its payload."""
-    payload = entry.payload if isinstance(entry.payload, dict) else {}
-    short = {key: value.hex()[:16] for key, value in payload.items() if isinstance(value, bytes)}
-    if entry.kind == "work_credited":
-        return (
-            f"session {short.get('session', '?')} of client {short.get('client', '?')}, "
-            f"pair {payload.get('pair')}, checked by attestation {payload.get('attestation')}"
-        )
-    if entry.kind == "verifier_fee":
-        return (
-            f"checked node {short.get('node', '?')} for client {short.get('client', '?')}: "
-            f"{payload.get('units')} block-tokens recomputed"
-        )
-    if entry.kind == "fraud_evidence":
-        return f"{payload.get('verdict')} (by {payload.get('judge')}): {payload.get('reason')}"
-    if entry.kind in ("slash", "reputation_changed"):
-        return str(payload.get("reason", ""))
-    if entry.kind == "ticket_redeemed":
-        return f"{payload.get('units')} block-tokens of ticket {short.get('ticket', '?')}"
-    return ""
-
-
-def _report_dict(report: AuditReport) -> dict[str, Any]:
-    return {
-        "ok": True,
-        "source": report.source,
-        "origin": report.origin,
-        "ledger_key": report.ledger_key.hex(),
-        "tree_size": report.tree_size,
-        "root_hash": report.root_hash.hex(),
-        "operations": report.operations,
-        "entries_by_kind": dict(report.kinds),
-        "pairs_verified": report.pairs_verified,
-        "attestations_verified": report.attestations_verified,
-        "evidence_checked": report.evidence_checked,
-        "referee_recomputed": report.referee_recomputed,
-        "accounts": report.accounts,
-        "points": report.points,
-        "consistent_with": report.consistent_with,
-        "cached_state_compared": report.cached_state_compared,
-    }
-
-
-def _report_table(report: AuditReport, *, remembered: bool) -> Table:
-    table = Table(title=f"audit of {report.origin} passed", show_header=False)
-    table.add_column("check")
-    table.add_column("result")
-    table.add_row("ledger key", report.ledger_key.hex())
-    table.add_row("entries (tree size)", str(report.tree_size))
-    table.add_row("root hash", report.root_hash.hex())
-    table.add_row("signed operations verified", str(report.operations))
-    table.add_row("receipts re-verified", str(report.pairs_verified))
-    table.add_row("attestations re-verified", str(report.attestations_verified))
-    table.add_row("fraud evidence re-checked", str(report.evidence_checked))
-    if report.referee_recomputed:
-        table.add_row("referee convictions recomputed", str(report.referee_recomputed))
-    for kind, count in sorted(report.kinds.items()):
-        table.add_row(f"  {kind}", str(count))
-    table.add_row("accounts", str(report.accounts))
-    table.add_row("points in circulation", str(report.points))
-    if report.consistent_with is not None:
-        consistent = f"consistent with size {report.consistent_with}"
-    else:
-        consistent = "first audit (state saved)" if remembered else "not compared (no --state)"
-    table.add_row("history", consistent)
-    table.add_row(
-        "cached balances",
-        "match the log" if report.cached_state_compared else "not compared (log moved on)",
-    )
-    return table

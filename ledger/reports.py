@@ -34,14 +34,8 @@ from corolla.ledger.rules import (
     verify_pairs,
 )
 from corolla.verify.digests import GENESIS_CHAIN
-from corolla.verify.fast_records import (
-    chain_digest,
-    check_signature,
-    read_receipt,
-    read_request,
-    signed_digest,
-)
-from corolla.verify.identity import peer_name_of
+from corolla.verify.fast import chain_digest, read_receipt, read_request, signed_digest
+from corolla.verify.identity import peer_name_of, verify_signature
 
 __all__ = ["ParsedReport", "parse_report", "verify_report"]
 
@@ -112,7 +106,7 @@ def _verify_attestation(
         raise BadReceipt("the recomputation ran other blocks than the checked span")
     if request.step != 0 or request.position != 0:
         raise BadReceipt("a recomputation is step 0, position 0 of its own session")
-    check_signature(receipt.node_key, attestation.receipt_bytes, receipt.signature)
+    verify_signature(receipt.node_key, attestation.receipt_bytes, receipt.signature)
     request_digest = signed_digest(request, attestation.request_bytes)
     verifier = peer_name_of(receipt.node_key)
     for field in ECHOED_FIELDS:

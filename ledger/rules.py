@@ -31,8 +31,8 @@ from typing import Any
 
 from corolla.errors import BadReceipt, InvalidInput, VerificationError
 from corolla.verify.digests import GENESIS_CHAIN
-from corolla.verify.fast_records import chain_digest, check_signature, signed_digest
-from corolla.verify.identity import peer_name_of
+from corolla.verify.fast import chain_digest, signed_digest
+from corolla.verify.identity import peer_name_of, verify_signature
 from corolla.verify.receipts import Receipt, StepRequest
 
 __all__ = [
@@ -183,7 +183,7 @@ def verify_pairs(pairs: Sequence[SignedPair], *, reporter: bytes | None) -> list
     for index, (request, request_bytes, receipt, receipt_bytes) in enumerate(pairs):
         try:
             if reporter is None:
-                check_signature(request.client_key, request_bytes, request.signature)
+                verify_signature(request.client_key, request_bytes, request.signature)
             elif request.client_key != reporter:
                 raise BadReceipt(
                     f"the request is client {peer_name_of(request.client_key)}'s, not the "
@@ -387,7 +387,7 @@ def _check_binding(
     request: StepRequest, request_digest: bytes, receipt: Receipt, receipt_bytes: bytes
 ) -> None:
     """The receipt's own signature and its binding to the request."""
-    check_signature(receipt.node_key, receipt_bytes, receipt.signature)
+    verify_signature(receipt.node_key, receipt_bytes, receipt.signature)
     node = peer_name_of(receipt.node_key)
     for field in ECHOED_FIELDS:
         if getattr(receipt, field) != getattr(request, field):

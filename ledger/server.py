@@ -27,7 +27,7 @@ from corolla.ledger.store import DEFAULT_ORIGIN, LedgerStore
 from corolla.verify.identity import load_identity, load_or_create_identity
 from corolla.verify.referee import RefereeConfig, RefereeFactory, RefereeLike
 
-__all__ = ["ServeConfig", "main", "serve"]
+__all__ = ["ServeConfig", "ServeOptions", "main", "serve"]
 
 DEFAULT_PORT = 8470
 _CONFIG_VARIABLE = "COROLLA_LEDGER_SERVE"
@@ -51,6 +51,58 @@ class ServeConfig:
     """Judge fraud evidence by recomputing it with this model (each worker loads its own)."""
     seed_verifiers: tuple[bytes, ...] = ()
     """Verifiers a new log trusts from its genesis (see ``LedgerRules.min_verifier_reputation``)."""
+
+
+_RULES, _LIMITS = LedgerRules(), ServiceLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """The serve command's options, one field per flag, as the user gave them (``corolla
+    ledger serve`` and ``python -m corolla.ledger_server`` both fill every field, each with its
+    own defaults): :meth:`config` is the one place they become a :class:`ServeConfig`."""
+
+    db: Path
+    key: Path
+    host: str
+    port: int
+    origin: str
+    credit_per_block_token: int
+    ticket_price: int
+    verifier_fee_permille: int
+    min_verifier_reputation: int
+    workers: int
+    referee_model: Path | None
+    referee_max_tokens: int
+    max_body_bytes: int
+    max_evidence_bytes: int
+    seed_verifiers: tuple[bytes, ...]
+
+    def config(self) -> ServeConfig:
+        """The nested configuration these options describe (rules of a new log, limits,
+        the referee when a model is named)."""
+        return ServeConfig(
+            db=self.db,
+            key=self.key,
+            host=self.host,
+            port=self.port,
+            origin=self.origin,
+            rules=LedgerRules(
+                credit_per_block_token=self.credit_per_block_token,
+                ticket_price_per_block_token=self.ticket_price,
+                verifier_fee_permille=self.verifier_fee_permille,
+                min_verifier_reputation=self.min_verifier_reputation,
+            ),
+            limits=ServiceLimits(
+                max_body_bytes=self.max_body_bytes,
+                max_evidence_body_bytes=self.max_evidence_bytes,
+            ),
+            workers=self.workers,
+            referee=None
+            if self.referee_model is None
+            else RefereeConfig(self.referee_model, self.referee_max_tokens),
+            seed_verifiers=self.seed_verifiers,
+        )
 
 
 def serve(config: ServeConfig, referee_factory: RefereeFactory | None = None) -> None:
@@ -148,50 +200,44 @@ def _referee_dict(config: RefereeConfig) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None, referee_factory: RefereeFactory | None = None) -> None:
     """The quick-starting command line (``python -m corolla.ledger_server``): the same options
     as ``corolla ledger serve`` without loading the rest of the command."""
-    defaults, limits = LedgerRules(), ServiceLimits()
-    parser = argparse.ArgumentParser(prog="python -m corolla.ledger.server")
+    parser = argparse.ArgumentParser(prog="python -m corolla.ledger_server")
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--origin", default=DEFAULT_ORIGIN)
-    parser.add_argument("--credit-per-block-token", type=int, default=1)
-    parser.add_argument("--ticket-price", type=int, default=1)
-    parser.add_argument("--verifier-fee-permille", type=int, default=defaults.verifier_fee_permille)
+    parser.add_argument("--credit-per-block-token", type=int, default=_RULES.credit_per_block_token)
+    parser.add_argument("--ticket-price", type=int, default=_RULES.ticket_price_per_block_token)
+    parser.add_argument("--verifier-fee-permille", type=int, default=_RULES.verifier_fee_permille)
     parser.add_argument(
-        "--min-verifier-reputation", type=int, default=defaults.min_verifier_reputation
+        "--min-verifier-reputation", type=int, default=_RULES.min_verifier_reputation
     )
-    parser.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes)
-    parser.add_argument("--max-evidence-bytes", type=int, default=limits.max_evidence_body_bytes)
+    parser.add_argument("--max-body-bytes", type=int, default=_LIMITS.max_body_bytes)
+    parser.add_argument("--max-evidence-bytes", type=int, default=_LIMITS.max_evidence_body_bytes)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--referee-model", type=Path, default=None)
     parser.add_argument("--referee-max-tokens", type=int, default=8192)
     parser.add_argument("--seed-verifier", action="append", default=[], metavar="HEX_KEY")
     args = parser.parse_args(argv)
     try:
-        config = ServeConfig(
+        options = ServeOptions(
             db=args.db,
             key=args.key,
             host=args.host,
             port=args.port,
             origin=args.origin,
-            rules=LedgerRules(
-                credit_per_block_token=args.credit_per_block_token,
-                ticket_price_per_block_token=args.ticket_price,
-                verifier_fee_permille=args.verifier_fee_permille,
-                min_verifier_reputation=args.min_verifier_reputation,
-            ),
-            limits=ServiceLimits(
-                max_body_bytes=args.max_body_bytes,
-                max_evidence_body_bytes=args.max_evidence_bytes,
-            ),
+            credit_per_block_token=args.credit_per_block_token,
+            ticket_price=args.ticket_price,
+            verifier_fee_permille=args.verifier_fee_permille,
+            min_verifier_reputation=args.min_verifier_reputation,
             workers=max(1, args.workers),
-            referee=None
-            if args.referee_model is None
-            else RefereeConfig(args.referee_model, args.referee_max_tokens),
+            referee_model=args.referee_model,
+            referee_max_tokens=args.referee_max_tokens,
+            max_body_bytes=args.max_body_bytes,
+            max_evidence_bytes=args.max_evidence_bytes,
             seed_verifiers=tuple(_hex_key(text) for text in args.seed_verifier),
         )
-        serve(config, referee_factory)
+        serve(options.config(), referee_factory)
     except CorollaError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

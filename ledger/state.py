@@ -2,26 +2,37 @@
 
 The ledger keeps it in SQLite tables (:class:`corolla.ledger.store.SqlState`), the auditor in
 memory (:class:`MemoryState`), and both are built only by appending entries
-(:meth:`LedgerState.append`), so the state is always what replaying the log gives.
+(:meth:`LedgerState.append`), so the state is always what replaying the log gives. Both read
+an entry's change from one definition (:func:`effect_of`) and check it against one list of
+invariants (:data:`INVARIANTS`, through :func:`admit`) before they write anything: an account
+registered once, no entry for an unregistered account, no negative balance or reputation, no
+work credited twice, a ticket sold once and never overspent, a request redeemed once, a fee
+paid once per recomputation, fraud evidence logged once.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Protocol
 
-from corolla.errors import InvalidInput
+from corolla.errors import InvalidInput, LedgerRefused
 from corolla.ledger.api.models import Account, Draft
 from corolla.ledger.config import LedgerRules
 from corolla.ledger.rules import Rect, Standing
 from corolla.verify.tickets import Ticket
 
 __all__ = [
+    "INVARIANTS",
     "Account",
+    "Effect",
+    "Invariant",
     "LedgerState",
     "MemoryState",
     "TicketState",
+    "admit",
     "effect_of",
     "ensure_account",
     "standing_of",
@@ -145,6 +156,102 @@ def effect_of(draft: Draft) -> Effect:
     raise InvalidInput(f"unknown entry kind {draft.kind!r}")
 
 
+_WITHOUT_ACCOUNT = frozenset({"genesis", "fraud_evidence"})
+"""Entry kinds that may name a key with no account (the ledger's own, an unregistered accused)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Invariant:
+    """What no appended entry may do, judged on the state before it (and the entry's account,
+    read once): the ledger refuses the entry and the auditor the log."""
+
+    refusal: str
+    broken: Callable[[LedgerState, Draft, Effect, Account | None], bool]
+
+
+def _registered_twice(_: LedgerState, __: Draft, effect: Effect, account: Account | None) -> bool:
+    return effect.register_name is not None and account is not None
+
+
+def _unregistered(_: LedgerState, draft: Draft, effect: Effect, account: Account | None) -> bool:
+    return account is None and effect.register_name is None and draft.kind not in _WITHOUT_ACCOUNT
+
+
+def _negative(_: LedgerState, __: Draft, effect: Effect, account: Account | None) -> bool:
+    return account is not None and (
+        account.balance + effect.balance < 0 or account.reputation + effect.reputation < 0
+    )
+
+
+def _credited_twice(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
+    if effect.session is None:
+        return False
+    client, session = effect.session
+    pieces = effect.pieces
+    return any(_overlap(a, b) for a, b in combinations(pieces, 2)) or any(
+        state.covered(client, session, piece) for piece in pieces
+    )
+
+
+def _overlap(a: Rect, b: Rect) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+
+def _ticket_sold_twice(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
+    return effect.ticket is not None and state.ticket(effect.ticket.digest()) is not None
+
+
+def _ticket_unsold(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
+    return effect.redeem is not None and state.ticket(effect.redeem[0]) is None
+
+
+def _overspent(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
+    if effect.redeem is None:
+        return False
+    ticket_digest, units = effect.redeem
+    sold = state.ticket(ticket_digest)
+    return sold is not None and sold.spent + units > sold.ticket.budget
+
+
+def _redeemed_twice(state: LedgerState, draft: Draft, effect: Effect, _: Account | None) -> bool:
+    return effect.redeem is not None and state.is_redeemed(draft.ref)
+
+
+def _fee_twice(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
+    return effect.fee is not None and state.fee_paid(effect.fee)
+
+
+def _evidence_twice(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
+    return effect.evidence is not None and state.evidence(effect.evidence) is not None
+
+
+INVARIANTS: tuple[Invariant, ...] = (
+    Invariant("the account is already registered", _registered_twice),
+    Invariant("it names an account that was never registered", _unregistered),
+    Invariant("it would make a balance or a reputation negative", _negative),
+    Invariant("it credits work already credited", _credited_twice),
+    Invariant("it sells a ticket that was already sold", _ticket_sold_twice),
+    Invariant("it redeems a ticket the ledger never sold", _ticket_unsold),
+    Invariant("it spends a ticket beyond its budget", _overspent),
+    Invariant("it redeems a request that was already redeemed", _redeemed_twice),
+    Invariant("it pays a verifier twice for one recomputation", _fee_twice),
+    Invariant("it logs the same fraud evidence twice", _evidence_twice),
+)
+"""The one list of what an entry may not do, read by both states before they apply it."""
+
+
+def admit(state: LedgerState, draft: Draft) -> Effect:
+    """The effect of ``draft`` on ``state``, once it breaks no :data:`INVARIANTS`; raises
+    :class:`~corolla.errors.LedgerRefused` (409) naming the first one it breaks (or
+    :class:`InvalidInput` for a malformed payload). Nothing is written either way."""
+    effect = effect_of(draft)
+    account = state.account(draft.account)
+    for invariant in INVARIANTS:
+        if invariant.broken(state, draft, effect, account):
+            raise LedgerRefused(f"refusing a {draft.kind} entry: {invariant.refusal}", 409)
+    return effect
+
+
 class MemoryState:
     """The derived state in dictionaries: what an auditor rebuilds from the log."""
 
@@ -196,22 +303,19 @@ class MemoryState:
         return Ticket(**{**unsigned.to_value(), "signature": signature})
 
     def append(self, draft: Draft) -> int:
-        effect = effect_of(draft)
+        effect = admit(self, draft)
         key = draft.account
         account = self.accounts.get(key)
         if effect.register_name is not None:
-            if account is not None:
-                raise InvalidInput("account registered twice")
             self.accounts[key] = Account(key, effect.register_name, 0, 0)
-        elif account is None and draft.kind != "genesis" and draft.kind != "fraud_evidence":
-            raise InvalidInput("entry names an account that was never registered")
         elif account is not None and (effect.balance or effect.reputation or effect.slashed):
-            balance = account.balance + effect.balance
-            reputation = account.reputation + effect.reputation
-            if balance < 0 or reputation < 0:
-                raise InvalidInput("entry makes a balance or a reputation negative")
-            slashed = account.slashed or effect.slashed
-            self.accounts[key] = Account(key, account.name, balance, reputation, slashed)
+            self.accounts[key] = Account(
+                key,
+                account.name,
+                account.balance + effect.balance,
+                account.reputation + effect.reputation,
+                account.slashed or effect.slashed,
+            )
         if effect.session is not None:
             client, session = effect.session
             self.coverage[(client, session)].extend(effect.pieces)
@@ -220,20 +324,12 @@ class MemoryState:
             self.tickets[effect.ticket.digest()] = TicketState(effect.ticket, 0)
         if effect.redeem is not None:
             ticket_digest, units = effect.redeem
-            state = self.tickets.get(ticket_digest)
-            if state is None:
-                raise InvalidInput("entry redeems a ticket the ledger never sold")
-            if state.spent + units > state.ticket.budget:
-                raise InvalidInput("entry spends a ticket beyond its budget")
-            self.tickets[ticket_digest] = TicketState(state.ticket, state.spent + units)
+            sold = self.tickets[ticket_digest]
+            self.tickets[ticket_digest] = TicketState(sold.ticket, sold.spent + units)
             self.redeemed.add(draft.ref)
         if effect.fee is not None:
-            if effect.fee in self.fees:
-                raise InvalidInput("entry pays a verifier twice for one recomputation")
             self.fees.add(effect.fee)
         if effect.evidence is not None:
-            if effect.evidence in self.evidence_seqs:
-                raise InvalidInput("entry logs the same fraud evidence twice")
             self.evidence_seqs[effect.evidence] = len(self.drafts)
         self.drafts.append(draft)
         return len(self.drafts) - 1

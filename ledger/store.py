@@ -24,10 +24,10 @@ from corolla.ledger.operations import Outcome, Prepared, apply, prepare
 from corolla.ledger.reader import LedgerReader, SqlTree
 from corolla.ledger.rules import Rect
 from corolla.ledger.schema import connect, create_schema
-from corolla.ledger.state import TicketState, effect_of
+from corolla.ledger.state import Effect, TicketState, admit
 from corolla.verify.checkpoints import Checkpoint, sign_checkpoint
 from corolla.verify.encoding import canonical, decode
-from corolla.verify.fast_encoding import encode
+from corolla.verify.fast import encode
 from corolla.verify.identity import Identity, peer_name_of
 from corolla.verify.merkle import completed_subtrees, node_hash, root_from_perfect
 from corolla.verify.referee import RefereeLike
@@ -40,7 +40,9 @@ _NONCE_PRUNE_EVERY = 256
 
 
 class SqlState:
-    """The derived state in SQLite, read and written inside the open write transaction."""
+    """The derived state in SQLite, read and written inside the open write transaction; an
+    entry is checked by :func:`~corolla.ledger.state.admit` (the invariants the auditor's
+    :class:`~corolla.ledger.state.MemoryState` checks too) before it is written."""
 
     def __init__(
         self,
@@ -114,6 +116,7 @@ class SqlState:
         return Ticket(**{**unsigned.to_value(), "signature": signed})
 
     def append(self, draft: Draft) -> int:
+        effect = admit(self, draft)  # refused before anything is written
         seq = self.next_seq
         entry: RawEntry = (
             seq,
@@ -137,12 +140,11 @@ class SqlState:
         for level, index in completed_subtrees(seq):
             right = node_hash(self._tree.perfect(level - 1, 2 * index), right)
             conn.execute("INSERT INTO merkle VALUES (?, ?, ?)", (level, index, right))
-        self._apply_effect(draft, seq)
+        self._apply(draft, effect, seq)
         self.next_seq = seq + 1
         return seq
 
-    def _apply_effect(self, draft: Draft, seq: int) -> None:
-        effect = effect_of(draft)
+    def _apply(self, draft: Draft, effect: Effect, seq: int) -> None:
         conn = self._conn
         if effect.register_name is not None:
             conn.execute(
@@ -150,13 +152,11 @@ class SqlState:
                 (draft.account, effect.register_name, seq),
             )
         elif effect.balance or effect.reputation or effect.slashed:
-            row = conn.execute(
+            conn.execute(
                 "UPDATE accounts SET balance = balance + ?, reputation = reputation + ?, "
-                "slashed = MAX(slashed, ?) WHERE account = ? RETURNING balance, reputation",
+                "slashed = MAX(slashed, ?) WHERE account = ?",
                 (effect.balance, effect.reputation, int(effect.slashed), draft.account),
-            ).fetchone()
-            if row is None or row[0] < 0 or row[1] < 0:
-                raise LedgerError("refusing an entry that would make a balance negative")
+            )
         if effect.session is not None:
             client, session = effect.session
             conn.executemany(
@@ -175,12 +175,9 @@ class SqlState:
             )
         if effect.redeem is not None:
             ticket_digest, units = effect.redeem
-            row = conn.execute(
-                "UPDATE tickets SET spent = spent + ? WHERE digest = ? RETURNING spent, budget",
-                (units, ticket_digest),
-            ).fetchone()
-            if row is None or row[0] > row[1]:
-                raise LedgerError("refusing an entry that would overspend a ticket")
+            conn.execute(
+                "UPDATE tickets SET spent = spent + ? WHERE digest = ?", (units, ticket_digest)
+            )
             conn.execute("INSERT INTO redeemed VALUES (?, ?, ?)", (draft.ref, ticket_digest, seq))
         if effect.fee is not None:
             conn.execute("INSERT INTO fees VALUES (?, ?, ?)", (effect.fee, draft.account, seq))

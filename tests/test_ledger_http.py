@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from corolla.ledger.audit import audit
 from corolla.ledger.cli import register
 from corolla.ledger.sources import HttpSource
 from corolla.verify.encoding import canonical
-from corolla.verify.identity import Identity, load_identity
+from corolla.verify.identity import Identity, load_identity, save_identity
 from corolla.verify.merkle import verify_consistency, verify_inclusion
 
 
@@ -111,9 +115,10 @@ def test_a_double_report_over_http_credits_once(server: LedgerServer) -> None:
         assert ledger.balance(verifier.public_key) == 2
 
 
-def test_the_old_work_endpoint_is_gone_and_says_where_work_goes(server: LedgerServer) -> None:
+def test_the_removed_work_endpoint_is_not_routed_at_all(server: LedgerServer) -> None:
     response = httpx.post(server.url + "/v1/work", json={"pairs": []})
-    assert response.status_code == 410 and "/v1/reports" in response.json()["error"]
+    assert response.status_code in (404, 405) and response.json()["error"]
+    assert "/v1/work" not in httpx.get(server.url + "/openapi.json").json()["paths"]
 
 
 def signed_post(
@@ -265,6 +270,85 @@ def test_the_ledger_command_group_offers_serve_audit_and_the_readers() -> None:
         assert command in result.output
     both = CliRunner().invoke(app, ["ledger", "audit"])
     assert both.exit_code != 0
+
+
+def test_the_serve_command_serves_the_ledger_its_options_describe(tmp_path: Path) -> None:
+    seed = Identity.generate()
+    save_identity(seed, tmp_path / "seed.key")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    options = {
+        "--db": tmp_path / "ledger.db",
+        "--key": tmp_path / "ledger.key",
+        "--host": "127.0.0.1",
+        "--port": port,
+        "--origin": "form-test",
+        "--credit-per-block-token": 3,
+        "--ticket-price": 2,
+        "--workers": 1,
+        "--verifier-fee-permille": 50,
+        "--min-verifier-reputation": 1,
+        "--referee-max-tokens": 64,
+        "--max-evidence-bytes": 4096,
+        "--seed-verifier": tmp_path / "seed.key",  # a key file; a hex key works too
+    }
+    command = [sys.executable, "-m", "corolla", "ledger", "serve"]
+    command += [str(part) for pair in options.items() for part in pair]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            info, seeded = None, None
+            deadline = time.monotonic() + 180  # the whole command loads; the machine is shared
+            while info is None and process.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    info = httpx.get(url + "/v1/info", timeout=2).json()
+                    seeded = httpx.get(f"{url}/v1/accounts/{seed.public_key.hex()}").json()
+                time.sleep(0.2)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+    assert info is not None and seeded is not None, log.read_text()[-2000:]
+    assert info["origin"] == "form-test"
+    assert info["ledger_key"] == load_identity(tmp_path / "ledger.key").public_key.hex()
+    rules = info["rules"]
+    assert (rules["credit_per_block_token"], rules["ticket_price_per_block_token"]) == (3, 2)
+    assert (rules["verifier_fee_permille"], rules["min_verifier_reputation"]) == (50, 1)
+    assert info["limits"]["max_evidence_body_bytes"] == 4096
+    assert info["referee"] is False
+    assert seeded["reputation"] == 1 and seeded["name"] == "seed verifier"
+    assert f"ledger form-test on {url} (docs at /docs)" in log.read_text()
+    assert "no referee" in log.read_text()
+
+
+def test_the_serve_command_offers_every_option() -> None:
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["ledger", "serve", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    for option in (
+        "--db",
+        "--key",
+        "--host",
+        "--port",
+        "--origin",
+        "--credit-per-block-token",
+        "--ticket-price",
+        "--workers",
+        "--verifier-fee-permille",
+        "--min-verifier-reputation",
+        "--referee-model",
+        "--referee-max-tokens",
+        "--max-evidence-bytes",
+        "--seed-verifier",
+    ):
+        assert option in result.output
 
 
 def test_two_server_processes_share_one_log_without_double_credit(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ the consistency check against the checkpoint the auditor remembered."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sqlite3
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ledger_fixtures import (
     attest,
     attested_report,
@@ -24,11 +27,12 @@ from typer.testing import CliRunner, Result
 
 from corolla.ledger.api.client import LedgerClient
 from corolla.ledger.api.envelope import sign_envelope
-from corolla.ledger.api.models import b64encode
+from corolla.ledger.api.models import Entry, b64encode
 from corolla.ledger.cli import register
+from corolla.ledger.entries import raw_leaf_hash
 from corolla.ledger.reader import LedgerReader
 from corolla.ledger.store import LedgerStore
-from corolla.verify.encoding import canonical
+from corolla.verify.encoding import INT_MAX, INT_MIN, canonical
 from corolla.verify.identity import Identity, save_identity
 from corolla.verify.tickets import Ticket
 
@@ -251,3 +255,37 @@ def test_a_checkpoint_signed_by_another_key_than_the_remembered_one_fails(
     result = run_audit("--db", str(impostor), "--state", str(state))
     assert result.exit_code == 1
     assert "expected the ledger's key" in result.output
+
+
+payloads = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(INT_MIN, INT_MAX)
+    | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(payload=payloads, seq=st.integers(0, INT_MAX), amount=st.integers(INT_MIN, INT_MAX))
+def test_leaf_hashes_from_stored_payload_bytes_equal_the_entries_own(
+    payload: Any, seq: int, amount: int
+) -> None:
+    entry = Entry(
+        seq=seq,
+        kind="work_credited",
+        account=bytes(32),
+        amount=amount,
+        ref=b"\x01" * 32,
+        payload=payload,
+        op=7,
+        op_digest=b"\x02" * 32,
+        author=b"\x03" * 32,
+        author_signature=b"\x04" * 64,
+        time=1_800_000_000_000,
+    )
+    assert raw_leaf_hash(entry.raw()) == entry.leaf_hash()
+    other = dataclasses.replace(entry, kind="verifier_fee")
+    assert raw_leaf_hash(other.raw()) != entry.leaf_hash()

@@ -11,6 +11,14 @@ Map of the package (it imports nothing of Corolla's but :mod:`corolla.errors`):
   :class:`Receipt`, their checks, work units, JSON-lines files
 - :mod:`corolla.verify.merkle`      RFC 6962 Merkle tree hashing and proofs (import by full path)
 - :mod:`corolla.verify.checkpoints` signed Merkle tree checkpoints (import by full path)
+- :mod:`corolla.verify.tickets`     priority tickets signed by the ledger (import by full path)
+- :mod:`corolla.verify.fast`        the fast path of the canonical encoding (lean encoder, step
+  records read from their wire form, direct digests; import by full path)
+- :mod:`corolla.verify.tolerance`, :mod:`corolla.verify.evidence`, :mod:`corolla.verify.disputes`
+  comparisons under measured tolerances, fraud evidence, and disputes a referee decides
+- :mod:`corolla.verify.beacon`, :mod:`corolla.verify.assignment`, :mod:`corolla.verify.verdicts`
+  the ledger's randomness beacon, who checks whom, and a verifier's signed verdict
+- :mod:`corolla.verify.referee`     what a referee is (its finding, config and factory)
 
 The names of the first four modules are re-exported here.
 """

@@ -54,6 +54,16 @@ class Account:
     reputation: int
     slashed: bool = False
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form the API serves (and ``corolla ledger ... --json`` prints)."""
+        return {
+            "account": self.key.hex(),
+            "name": self.name,
+            "balance": self.balance,
+            "reputation": self.reputation,
+            "slashed": self.slashed,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Draft:

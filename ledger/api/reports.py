@@ -26,7 +26,7 @@ from typing import Any
 
 from corolla.errors import InvalidInput
 from corolla.ledger.api.models import b64decode, b64encode, from_hex
-from corolla.verify.fast_records import read_receipt, read_request
+from corolla.verify.fast import read_receipt, read_request
 from corolla.verify.receipts import MAX_BLOCK, SESSION_ID_SIZE, Receipt, StepRequest
 
 __all__ = [
