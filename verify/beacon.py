@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corolla.errors import BadSignature, InvalidInput
-from corolla.verify.encoding import INT_MAX, domain_digest, domain_message
+from corolla.verify.encoding import INT_MAX, domain_digest, domain_message, from_lower_hex
 from corolla.verify.identity import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
@@ -106,7 +106,7 @@ class Beacon:
             raise InvalidInput(f"a beacon has exactly the fields {list(_FIELDS)}")
         values = dict(data)
         for name in ("ledger_key", "signature"):
-            values[name] = _from_hex(name, values[name])
+            values[name] = from_lower_hex(values[name], f"a beacon's {name}")
         return cls.from_value(values)
 
 
@@ -142,15 +142,3 @@ def verify_beacon(beacon: Beacon, ledger_key: bytes, origin: str | None = None) 
 
 def _bad_int(value: Any, low: int, high: int) -> bool:
     return isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
-
-
-def _from_hex(name: str, value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise InvalidInput(f"a beacon's {name} must be hex text")
-    try:
-        data = bytes.fromhex(value)
-    except ValueError:
-        raise InvalidInput(f"a beacon's {name} is not hex") from None
-    if data.hex() != value:
-        raise InvalidInput(f"a beacon's {name} must be lowercase hex")
-    return data

@@ -24,6 +24,7 @@ anything else, which makes it safe on bytes from the network.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "decode",
     "domain_digest",
     "domain_message",
+    "from_lower_hex",
 ]
 
 # Values of the data model; ``Any`` because the model is recursive and checked at run time.
@@ -264,3 +266,14 @@ class _Reader:
                 result[key] = self.read_value(depth)
             return result
         raise InvalidInput(f"unknown type tag 0x{tag:02x} at offset {self.pos - 1}")
+
+
+_LOWER_HEX = re.compile(r"(?:[0-9a-f]{2})*")
+
+
+def from_lower_hex(value: Any, what: str) -> bytes:
+    """Bytes from lowercase hex text (how records travel in JSON); raises
+    :class:`InvalidInput` naming ``what`` for anything else."""
+    if not isinstance(value, str) or _LOWER_HEX.fullmatch(value) is None:
+        raise InvalidInput(f"{what} must be lowercase hex text")
+    return bytes.fromhex(value)

@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +29,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from corolla.errors import BadReceipt, BadSignature, InvalidInput
 from corolla.verify.digests import DIGEST_SIZE, chain_digest, tensor_digest
-from corolla.verify.encoding import DOMAIN_PREFIX, INT_MAX, decode, domain_digest, domain_message
+from corolla.verify.encoding import (
+    DOMAIN_PREFIX,
+    INT_MAX,
+    decode,
+    domain_digest,
+    domain_message,
+    from_lower_hex,
+)
 from corolla.verify.identity import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
@@ -64,7 +70,6 @@ MAX_TOKENS = 2**40
 """Most tokens one step may claim."""
 
 _UNSIGNED = bytes(SIGNATURE_SIZE)
-_HEX = re.compile(r"[0-9a-f]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +207,7 @@ class _SignedRecord:
         for field, spec in schema.items():
             value = data[field]
             if hex_bytes and isinstance(spec, _Bytes) and value is not None:
-                value = _from_hex(name, field, value)
+                value = from_lower_hex(value, f"{name}.{field}")
             values[field] = value
         return cls(**values)
 
@@ -434,12 +439,6 @@ def _check(name: str, field: str, spec: _Spec, value: object) -> None:
     elif not isinstance(value, bytes) or len(value) != spec.size:
         shown = f"{len(value)} bytes" if isinstance(value, bytes) else type(value).__name__
         raise InvalidInput(f"{name}.{field} must be {spec.size} bytes, got {shown}")
-
-
-def _from_hex(name: str, field: str, value: object) -> bytes:
-    if not isinstance(value, str) or _HEX.fullmatch(value) is None or len(value) % 2:
-        raise InvalidInput(f"{name}.{field} must be a lowercase hex string")
-    return bytes.fromhex(value)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

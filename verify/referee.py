@@ -35,6 +35,11 @@ class RefereeLike(Protocol):
         """The finding on ``evidence`` (a ``FraudEvidence`` that passed ``check_evidence``)."""
         ...
 
+    def judge(self, dispute: Any) -> Any:
+        """The :class:`~corolla.verify.disputes.Judgment` of ``dispute`` (a ``Dispute`` that
+        passed ``check_dispute``), or a declined :class:`RefereeFinding` saying why not."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class RefereeConfig:

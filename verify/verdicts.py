@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corolla.errors import BadReceipt, InvalidInput
-from corolla.verify.encoding import INT_MAX, domain_digest, domain_message
+from corolla.verify.encoding import INT_MAX, domain_digest, domain_message, from_lower_hex
 from corolla.verify.identity import (
     SIGNATURE_SIZE,
     Identity,
@@ -135,7 +135,7 @@ class CheckVerdict:
             raise InvalidInput(f"a verdict has exactly the fields {sorted(_FIELDS)}")
         values = dict(data)
         for name in (*_KEYS, *_DIGESTS, "session_id", "signature"):
-            values[name] = _from_hex(name, values[name])
+            values[name] = from_lower_hex(values[name], f"a verdict's {name}")
         return cls.from_value(values)
 
 
@@ -178,15 +178,3 @@ def verify_verdict(verdict: CheckVerdict) -> None:
 def _check_bytes(name: str, value: Any, size: int) -> None:
     if not isinstance(value, bytes) or len(value) != size:
         raise InvalidInput(f"a verdict's {name} must be {size} bytes")
-
-
-def _from_hex(name: str, value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise InvalidInput(f"a verdict's {name} must be hex text")
-    try:
-        data = bytes.fromhex(value)
-    except ValueError:
-        raise InvalidInput(f"a verdict's {name} is not hex") from None
-    if data.hex() != value:
-        raise InvalidInput(f"a verdict's {name} must be lowercase hex")
-    return data
