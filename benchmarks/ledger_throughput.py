@@ -2,8 +2,10 @@
 
 Prints:
 - receipts credited per second over HTTP (real uvicorn server on 127.0.0.1; clients report
-  sessions of 25 steps, each checked by one verifier; every receipt and attestation signature
-  checked, durable commits), with concurrent submitters;
+  sessions of 25 steps, each checked by its assigned verifier (checks v2: a signed verdict, the
+  recomputation's request and receipt, the ledger's beacon; the assignment re-derived among 16
+  declared verifiers); every receipt, verdict, recomputation and beacon signature checked,
+  durable commits), with concurrent submitters;
 - receipts credited per second in process (``LedgerStore.submit``, same checks, same database
   settings, no HTTP);
 - entries audited per second over a log of at least 100,000 entries, reading the database file
@@ -34,29 +36,39 @@ from pathlib import Path
 
 import httpx
 
+from corolla.ledger.api.checks import Serving
+from corolla.ledger.api.client import LedgerClient
 from corolla.ledger.api.envelope import sign_envelope
 from corolla.ledger.api.reports import Attestation, report_body
 from corolla.ledger.audit import audit
+from corolla.ledger.config import LedgerRules
 from corolla.ledger.entries import raw_leaf_hash
 from corolla.ledger.reader import LedgerReader
 from corolla.ledger.sources import DbSource, HttpSource
-from corolla.ledger.store import LedgerStore
+from corolla.ledger.store import DEFAULT_ORIGIN, LedgerStore
 from corolla.verify import GENESIS_CHAIN, Identity, make_receipt, sign_request
+from corolla.verify.assignment import assignment_seed, within_reach
+from corolla.verify.beacon import Beacon, epoch_of, sign_beacon
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import save_identity, verify_signature
 from corolla.verify.merkle import MerkleTree
 from corolla.verify.receipts import Receipt, StepRequest
+from corolla.verify.verdicts import CheckVerdict, sign_verdict
 
 BATCH = 250  # pairs per signed report: 10 sessions of 25 steps
 SESSION = 25
+PERIOD = 1  # seconds per beacon epoch
+MODEL, SPAN = secrets.token_bytes(32), secrets.token_bytes(32)
+SERVING = Serving(MODEL, 0, 8, "fp32")
 
 
 def session_report(
-    client: Identity, node: Identity, verifier: Identity
+    client: Identity, node: Identity, verifiers: dict[bytes, Identity], beacon: Beacon
 ) -> tuple[list[tuple[StepRequest, Receipt]], Attestation]:
-    """One node-session, a prefill then decode steps, and the client's passed check of it."""
+    """One node-session, a prefill then decode steps, and its assigned verifier's passed check
+    of it (the first trusted candidate the beacon draws among ``verifiers``)."""
     session, chain, position, pairs = secrets.token_bytes(16), GENESIS_CHAIN, 0, []
-    model, span = secrets.token_bytes(32), secrets.token_bytes(32)
+    model, span = MODEL, SPAN
     for step in range(SESSION):
         tokens = 16 if step == 0 else 1
         request = sign_request(
@@ -88,31 +100,77 @@ def session_report(
         tokens=position,
         input_digest=secrets.token_bytes(32),
     )
+    seed = assignment_seed(beacon, node.public_key, session, 0, 8, SESSION, chain)
+    excluded = (node.public_key, client.public_key)
+    verifier = verifiers[within_reach(seed, verifiers, excluded, lambda _: True)[0]]
     receipt = make_receipt(verifier, recomputation, secrets.token_bytes(32), GENESIS_CHAIN)
-    check = Attestation(
-        node.public_key, session, 0, 8, SESSION, True, "1e-06", recomputation, receipt
+    verdict = CheckVerdict(
+        verifier_key=verifier.public_key,
+        client_key=client.public_key,
+        node_key=node.public_key,
+        model_digest=model,
+        span_digest=span,
+        node_chain=chain,
+        recomputation_digest=receipt.digest(),
+        session_id=session,
+        start=0,
+        end=8,
+        first_step=0,
+        end_step=SESSION,
+        first_position=0,
+        end_position=position,
+        beacon_epoch=beacon.epoch,
+        recomputed_positions=position,
+        profile="fp32",
+        score="1e-06",
+        threshold="0.001",
+        passed=True,
+        signature=bytes(64),
     )
+    check = Attestation(sign_verdict(verifier, verdict), recomputation, receipt, beacon)
     return pairs, check
 
 
 def workload(
-    count: int, nodes: list[Identity], clients: list[Identity]
+    count: int, nodes: list[Identity], clients: list[Identity], beacon: Beacon
 ) -> list[tuple[Identity, dict]]:
     """About ``count`` pairs as reports of ``BATCH`` pairs, each by one client: sessions spread
-    over nodes, each checked by the next node."""
+    over nodes, each checked by its assigned verifier among the nodes."""
+    verifiers = {node.public_key: node for node in nodes}
     reports: list[tuple[Identity, dict]] = []
     index = 0
     while len(reports) * BATCH < count:
         client = clients[len(reports) % len(clients)]
         pairs, checks = [], []
         for _ in range(BATCH // SESSION):
-            node, verifier = nodes[index % len(nodes)], nodes[(index + 1) % len(nodes)]
-            session, check = session_report(client, node, verifier)
+            node = nodes[index % len(nodes)]
+            session, check = session_report(client, node, verifiers, beacon)
             pairs += session
             checks.append(check)
             index += 1
         reports.append((client, report_body(pairs, checks)))
     return reports
+
+
+def declare_in_process(store: LedgerStore, nodes: list[Identity]) -> None:
+    body = SERVING.to_body()
+    for node in nodes:
+        store.submit(sign_envelope(node, "serving", canonical(body)), body)
+
+
+def declare_over_http(url: str, nodes: list[Identity]) -> None:
+    for node in nodes:
+        with LedgerClient(url, node) as ledger:
+            ledger.declare_serving(MODEL, SERVING.start, SERVING.end, SERVING.profile)
+
+
+def next_beacon(ledger: Identity) -> Beacon:
+    """The beacon of the next epoch, once it began (every ledger here has the same key, origin
+    and period, so the same beacons): everything declared so far precedes it."""
+    epoch = epoch_of(time.time(), PERIOD) + 1
+    while epoch_of(time.time(), PERIOD) < epoch:
+        time.sleep(0.05)
+    return sign_beacon(ledger, DEFAULT_ORIGIN, PERIOD, epoch)
 
 
 def free_port() -> int:
@@ -137,6 +195,8 @@ def server(db: Path, key: Path, processes: int = 1):
             str(port),
             "--workers",
             str(processes),
+            "--beacon-period-s",
+            str(PERIOD),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -265,28 +325,35 @@ def run(args: argparse.Namespace, directory: Path) -> None:
         f"batches of {BATCH} pairs; synchronous=FULL (WAL)"
     )
 
-    started = time.perf_counter()
-    http_batches = workload(args.http_receipts, nodes, clients)
-    print(
-        f"signed {args.http_receipts} (request, receipt) pairs in "
-        f"{time.perf_counter() - started:.1f} s (not timed below)"
-    )
-    half = len(http_batches) // 2
-    with server(directory / "http1.db", key, processes=1) as url:
-        single = credit_over_http(url, http_batches[:half], args.workers)
-    print(
-        f"HTTP, 1 server process, {args.workers} submitters: {single:,.0f} receipts credited/s "
-        f"(target 2,000) -> {single / 2000:.2f}x target"
-    )
-    with server(directory / "http.db", key, processes=os.cpu_count() or 1) as url:
-        http_rate = credit_over_http(url, http_batches[half:], args.workers)
-    print(
-        f"HTTP, {os.cpu_count()} server processes (--workers), {args.workers} submitters: "
-        f"{http_rate:,.0f} receipts credited/s (target 2,000) -> {http_rate / 2000:.2f}x target; "
-        f"{http_rate / single:.2f}x one process"
-    )
+    with contextlib.ExitStack() as servers:
+        single_url = servers.enter_context(server(directory / "http1.db", key, processes=1))
+        multi_url = servers.enter_context(
+            server(directory / "http.db", key, processes=os.cpu_count() or 1)
+        )
+        store = LedgerStore(directory / "log.db", ledger, rules=LedgerRules(beacon_period_s=PERIOD))
+        for url in (single_url, multi_url):
+            declare_over_http(url, nodes)
+        declare_in_process(store, nodes)
+        beacon = next_beacon(ledger)
+        started = time.perf_counter()
+        http_batches = workload(args.http_receipts, nodes, clients, beacon)
+        print(
+            f"signed {args.http_receipts} (request, receipt) pairs and their checks in "
+            f"{time.perf_counter() - started:.1f} s (not timed below)"
+        )
+        half = len(http_batches) // 2
+        single = credit_over_http(single_url, http_batches[:half], args.workers)
+        print(
+            f"HTTP, 1 server process, {args.workers} submitters: {single:,.0f} receipts "
+            f"credited/s (target 2,000) -> {single / 2000:.2f}x target"
+        )
+        http_rate = credit_over_http(multi_url, http_batches[half:], args.workers)
+        print(
+            f"HTTP, {os.cpu_count()} server processes (--workers), {args.workers} submitters: "
+            f"{http_rate:,.0f} receipts credited/s (target 2,000) -> {http_rate / 2000:.2f}x "
+            f"target; {http_rate / single:.2f}x one process"
+        )
 
-    store = LedgerStore(directory / "log.db", ledger)
     in_process = credit_in_process(store, http_batches)
     print(
         f"in process: {in_process:,.0f} receipts credited/s "
@@ -295,7 +362,7 @@ def run(args: argparse.Namespace, directory: Path) -> None:
     # Grow the same log past the requested size (credits, reputation, registrations).
     size = store._reader.size()
     while size < args.entries:
-        more = workload(min(20_000, args.entries - size + BATCH), nodes, clients)
+        more = workload(min(20_000, args.entries - size + BATCH), nodes, clients, beacon)
         credit_in_process(store, more)
         size = store._reader.size()
     store.close()
@@ -307,7 +374,9 @@ def run(args: argparse.Namespace, directory: Path) -> None:
     source.close()
     db_elapsed = time.perf_counter() - started
     cpu = cpu_seconds() - cpu_before
-    signatures = report.operations + report.pairs_verified + report.attestations_verified
+    # One per operation and per receipt; three per attestation (verdict, recomputation request
+    # and receipt); beacons are checked once per report (not counted).
+    signatures = report.operations + report.pairs_verified + 3 * report.attestations_verified
     print(
         f"audit --db: {report.tree_size:,} entries ({dict(report.kinds)}), "
         f"{report.pairs_verified:,} receipts and {report.attestations_verified:,} attestations "

@@ -40,11 +40,9 @@ def run(model: DistributedModelForCausalLM, tokens: int) -> tuple[float, int, in
     started = time.perf_counter()
     model.generate(input_ids, config)
     elapsed = time.perf_counter() - started
-    session = model.backbone.last_session
-    generated = sum(work_units(w.request) for w in session.work)
-    recomputed = sum(
-        work_units(r.request) for check in session.checks for r in check.recomputations
-    )
+    log = model.backbone.last_session.log
+    generated = sum(work_units(w.request) for w in log.work)
+    recomputed = sum(work_units(r.request) for check in log.checks for r in check.recomputations)
     return elapsed, generated, recomputed
 
 
@@ -85,7 +83,7 @@ def main() -> None:
                         elapsed, generated, recomputed = run(model, args.tokens)
                         rates.append(args.tokens / elapsed)
                         overheads.append(recomputed / generated)
-                        checks_done += len(model.backbone.last_session.checks)
+                        checks_done += len(model.backbone.last_session.log.checks)
                     results[rate] = (
                         statistics.median(rates),
                         statistics.median(overheads),

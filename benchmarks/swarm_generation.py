@@ -1,20 +1,24 @@
 """Generation through a loopback swarm against local generation, with and without signatures.
 
     python benchmarks/swarm_generation.py [--tokens 64] [--repeats 3] [--layers 8] [--hidden 256]
+    python benchmarks/swarm_generation.py --model smollm2-135m   (or --model DIR)
 
-Measures in one run, on a tiny BLOOM (8 layers, hidden 256 by default): tokens/s and the
+Measures in one run, on a tiny BLOOM (8 layers, hidden 256 by default) or on a real checkpoint
+(``--model``: a packaged name, fetched and converted on first use, or a checkpoint directory,
+split into 2 and 3 equal spans): tokens/s and the
 median / p90 latency of one decode step, for local generation (all blocks in this process),
 for 2 and 3 nodes (real `corolla node run` processes on 127.0.0.1), and for the same swarms
-with receipt signing and checking switched off (COROLLA_BENCHMARK_UNSIGNED=1 on both sides: an
-internal switch for this benchmark only; a client without it rejects such a node). Also the
-stall of one mid-session failover (SIGKILL of a node that has a replacement). Prints ratios.
+with receipt signing and checking switched off on both sides: nodes started through
+benchmarks/unsigned.py (they check no client signature and sign receipts with zeros) and a client
+built with `ClientConfig(verify_receipts=False)` and a signer of zeros. Only this benchmark builds
+either; a normal client rejects such a node. Also the stall of one mid-session failover (SIGKILL
+of a node that has a replacement). Prints ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import tempfile
 import time
@@ -24,17 +28,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
+from unsigned import UNSIGNED_NODE_PROGRAM, unsigned_client  # benchmarks/unsigned.py
 
 from corolla.client.generation import Backbone, GenerationConfig, generate
 from corolla.client.head import ClientHead, load_head
 from corolla.client.local import LocalBackbone
 from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.swarm import ClientConfig
+from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.fetch import PACKAGED_MODELS, fetch_model
 from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
 from corolla.simulations.live import LocalSwarm
 from corolla.simulations.scenes import latency_ms
-
-UNSIGNED = "COROLLA_BENCHMARK_UNSIGNED"
 
 
 def timed_generation(head: ClientHead, backbone: Backbone, tokens: int) -> list[float]:
@@ -62,28 +67,25 @@ def measure(head: ClientHead, backbone: Backbone, tokens: int, repeats: int) -> 
 def swarm_figures(
     model_dir: Path, workdir: Path, spans: list[str], unsigned: bool, args: argparse.Namespace
 ) -> dict[str, float]:
-    env = {UNSIGNED: "1" if unsigned else "0"}
-    previous = os.environ.get(UNSIGNED)
-    os.environ[UNSIGNED] = env[UNSIGNED]
-    try:
-        with LocalSwarm(workdir) as swarm:
-            for blocks in spans:
-                swarm.start(model_dir, blocks=blocks, env=env)
-            config = ClientConfig(
-                initial_peers=tuple(swarm.initial_peers), identity=workdir / "client.key"
-            )
-            # Spot-checks off: this measures transport and signatures (see spot_check_overhead.py).
-            with DistributedModelForCausalLM.from_pretrained(
-                model_dir, config=config, checks=None
-            ) as model:
-                figures = measure(model.head, model.backbone, args.tokens, args.repeats)
-                figures["forward_ms"] = nodes_forward_ms(model)
-                return figures
-    finally:
-        if previous is None:
-            os.environ.pop(UNSIGNED, None)
+    with LocalSwarm(workdir) as swarm:
+        for blocks in spans:
+            if unsigned:
+                swarm.start(model_dir, blocks=blocks, program=UNSIGNED_NODE_PROGRAM)
+            else:
+                swarm.start(model_dir, blocks=blocks)
+        identity = workdir / "client.key"
+        if unsigned:
+            client = unsigned_client(model_dir, swarm.initial_peers, identity)
         else:
-            os.environ[UNSIGNED] = previous
+            config = ClientConfig(initial_peers=tuple(swarm.initial_peers), identity=identity)
+            # Spot-checks off: this measures transport and signatures (spot_check_overhead.py).
+            client = DistributedModelForCausalLM.from_pretrained(
+                model_dir, config=config, checks=None
+            )
+        with client as model:
+            figures = measure(model.head, model.backbone, args.tokens, args.repeats)
+            figures["forward_ms"] = nodes_forward_ms(model)
+            return figures
 
 
 def nodes_forward_ms(model: DistributedModelForCausalLM) -> float:
@@ -95,12 +97,13 @@ def nodes_forward_ms(model: DistributedModelForCausalLM) -> float:
     return sum(backbone.node_info(hop.peer_id).forward_us for hop in route) / 1000
 
 
-def failover_stall(model_dir: Path, workdir: Path, tokens: int) -> tuple[float, float]:
+def failover_stall(model_dir: Path, workdir: Path, tokens: int, layers: int) -> tuple[float, float]:
     """(median decode step, the step during which the routed node was SIGKILLed), seconds."""
+    half = layers // 2
     with LocalSwarm(workdir) as swarm:
-        swarm.start(model_dir, blocks="0:4")
-        swarm.start(model_dir, blocks="4:8")
-        swarm.start(model_dir, blocks="4:8")
+        swarm.start(model_dir, blocks=f"0:{half}")
+        swarm.start(model_dir, blocks=f"{half}:{layers}")
+        swarm.start(model_dir, blocks=f"{half}:{layers}")
         by_peer = {node.peer_id: node for node in swarm.nodes}
         config = ClientConfig(
             initial_peers=tuple(swarm.initial_peers), identity=workdir / "client.key"
@@ -120,7 +123,7 @@ def failover_stall(model_dir: Path, workdir: Path, tokens: int) -> tuple[float, 
 
             generate(head, model.backbone, input_ids, gen, on_tokens=on_tokens)
             steps = [b - a for a, b in itertools.pairwise(stamps)]
-            if not model.backbone.last_session.failovers:
+            if not model.backbone.last_session.log.failovers:
                 raise RuntimeError("the benchmark's failover did not happen")
     return statistics.median(steps[1:]), steps[kill_at]
 
@@ -131,6 +134,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument(
+        "--model", default=None, help=f"a checkpoint directory or one of {sorted(PACKAGED_MODELS)}"
+    )
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -138,8 +144,17 @@ def main() -> None:
     console = Console()
     rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as temp:
-        tiny = TinyModelConfig(num_layers=args.layers, hidden_size=args.hidden)
-        model_dir = create_tiny_model(Path(temp) / "model", tiny)
+        if args.model is None:
+            tiny = TinyModelConfig(num_layers=args.layers, hidden_size=args.hidden)
+            model_dir = create_tiny_model(Path(temp) / "model", tiny)
+            title = f"tiny BLOOM {args.layers} x {args.hidden}"
+        else:
+            with console.status(f"fetching {args.model}"):
+                model_dir = (
+                    fetch_model(args.model) if args.model in PACKAGED_MODELS else Path(args.model)
+                )
+            args.layers = Checkpoint(model_dir).num_blocks
+            title = f"{args.model} ({args.layers} blocks)"
         head = load_head(model_dir)
         with console.status("local generation"):
             local = measure(
@@ -160,12 +175,11 @@ def main() -> None:
                     )
                 rows.append((label, figures))
         with console.status("failover stall"):
-            median_step, stalled_step = failover_stall(model_dir, Path(temp) / "fo", args.tokens)
+            median_step, stalled_step = failover_stall(
+                model_dir, Path(temp) / "fo", args.tokens, args.layers
+            )
 
-    table = Table(
-        title=f"{args.tokens} new tokens, tiny BLOOM {args.layers} x {args.hidden}, "
-        f"median of {args.repeats} runs"
-    )
+    table = Table(title=f"{args.tokens} new tokens, {title}, median of {args.repeats} runs")
     for column in ("path", "tokens/s", "vs local", "step median ms", "step p90 ms"):
         table.add_column(column)
     for label, figures in rows:

@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from corolla.node.protocol.framing import pack_parts
-from corolla.node.protocol.messages import serialize_tensor
+from corolla.node.protocol.p2p_options import p2p_options
+from corolla.node.protocol.tensors import serialize_tensor
 from corolla.simulations.scenes import latency_ms
 
 ECHO = "corolla-benchmark-echo"
@@ -61,7 +62,7 @@ async def serve(transport: str) -> None:
         server = await asyncio.start_server(echo, "127.0.0.1", 0)
         print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
     else:
-        p2p = await P2P.create()
+        p2p = await P2P.create(**p2p_options())
         await p2p.add_binary_stream_handler(ECHO, lambda _info, r, w: echo(r, w))
         addresses = " ".join(str(address) for address in await p2p.get_visible_maddrs())
         print(f"ready {p2p.peer_id.to_base58()} {addresses}", flush=True)
@@ -117,7 +118,7 @@ async def round_trips(
 
 async def through_libp2p(ready: list[str], message: bytes, count: int, gap: float) -> list[float]:
     peer, *addresses = ready
-    client = await P2P.create(initial_peers=addresses)
+    client = await P2P.create(**p2p_options(), initial_peers=addresses)
     try:
         _, reader, writer = await client.call_binary_stream_handler(PeerID.from_base58(peer), ECHO)
         return await round_trips(reader, writer, message, count, gap)

@@ -3,6 +3,13 @@
 The loop is the same for local spans and for the swarm; only the backbone's inference session
 differs. Seeded sampling draws from a private torch.Generator, so a seed gives the same tokens
 wherever the hidden states were computed.
+
+After each draw the session is told what was drawn and how (:class:`Draw`: the tokens, and the
+sampler's state before the draw), so that a spot-check can ask which token a verifier's
+recomputation would have given (the head rule, :mod:`corolla.client.head_rule`). At the end
+the session names the generated tokens whose steps no check covered
+(:attr:`GenerationResult.unverified`); with ``require_checks`` such text is an error
+(:class:`UnverifiedText`) instead of a result.
 """
 
 from __future__ import annotations
@@ -15,14 +22,19 @@ from typing import Protocol
 import torch
 
 from corolla.client.head import ClientHead
-from corolla.errors import InvalidInput, SessionError
+from corolla.errors import InvalidInput, SessionError, VerificationError
 
 __all__ = [
     "Backbone",
+    "Draw",
     "GenerationConfig",
+    "GenerationResult",
     "InferenceSession",
     "Rewind",
+    "TokenRange",
+    "UnverifiedText",
     "generate",
+    "generate_result",
     "next_tokens",
 ]
 
@@ -61,6 +73,66 @@ class Rewind(Exception):
         self.hidden = hidden
 
 
+@dataclass(frozen=True)
+class Draw:
+    """The tokens drawn from the last output position of a step, and how to draw them again."""
+
+    tokens: torch.Tensor  # batch: what the user got
+    done: torch.Tensor  # batch, bool: sequences already finished (padded, nothing was drawn)
+    config: GenerationConfig
+    sampler_state: torch.Tensor | None
+    """The random generator's state right before the draw (sampling only)."""
+
+    def again(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [batch, vocab] -> the tokens [batch] the same sampler state draws from them."""
+        generator = None
+        if self.sampler_state is not None:
+            generator = torch.Generator()
+            generator.set_state(self.sampler_state)
+        return next_tokens(logits, self.config, generator)
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """Generated tokens ``[start, end)`` (0 = the first new token) and why they are unverified."""
+
+    start: int
+    end: int
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"tokens": [self.start, self.end], "reason": self.reason}
+
+    def describe(self) -> str:
+        tokens = (
+            f"token {self.start}"
+            if self.end == self.start + 1
+            else (f"tokens {self.start}-{self.end - 1}")
+        )
+        return f"{tokens}: {self.reason}"
+
+
+class UnverifiedText(VerificationError):
+    """Generation was asked to return only checked text (``require_checks``), and some tokens'
+    steps went unchecked; ``ranges`` names them and why."""
+
+    def __init__(self, ranges: tuple[TokenRange, ...]) -> None:
+        names = "; ".join(r.describe() for r in ranges)
+        super().__init__(
+            f"the text was not fully verified and checks were required: {names} (no text is "
+            "returned; run without --require-checks to get it marked as unverified)"
+        )
+        self.ranges = ranges
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    tokens: torch.Tensor  # batch, new
+    unverified: tuple[TokenRange, ...]
+    """Generated tokens whose steps no spot-check covered, and why (empty: all checked, or a
+    local backbone, which is trusted)."""
+
+
 class InferenceSession(Protocol):
     """One pass through all blocks, keeping caches between steps."""
 
@@ -73,6 +145,14 @@ class InferenceSession(Protocol):
 
     def finish(self) -> None:
         """Called once no more steps are needed (pending checks are settled); may raise Rewind."""
+        ...
+
+    def drew(self, draw: Draw) -> None:
+        """The tokens drawn from the output of the last step (or of a rewind)."""
+        ...
+
+    def unverified(self) -> tuple[TokenRange, ...]:
+        """After ``finish``: the generated tokens whose steps went unchecked, and why."""
         ...
 
 
@@ -115,11 +195,28 @@ def generate(
 ) -> torch.Tensor:
     """Generate up to `config.max_new_tokens` after input_ids [batch, prompt]; returns [batch, new].
 
+    See :func:`generate_result`, which also says which tokens went unverified.
+    """
+    return generate_result(head, backbone, input_ids, config, on_tokens, on_rewind).tokens
+
+
+def generate_result(
+    head: ClientHead,
+    backbone: Backbone,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+    on_rewind: Callable[[int], None] | None = None,
+    require_checks: bool = False,
+) -> GenerationResult:
+    """Generate up to `config.max_new_tokens` after input_ids [batch, prompt].
+
     `on_tokens` receives each step's new tokens [batch] as soon as they exist (for streaming).
     If the backbone proves earlier outputs wrong (Rewind), the tokens derived from them are
     dropped, `on_rewind` is told how many generated tokens were kept, and generation resumes
     from there with the sampler's state restored, so the result is what an honest run gives.
     A sequence that reached EOS is padded with the pad token until every sequence has.
+    With `require_checks`, tokens whose steps went unchecked raise :class:`UnverifiedText`.
     """
     config.validate()
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -168,10 +265,24 @@ def generate(
             done = finished()
             if generator is not None:
                 sampler_states.append(generator.get_state())
+            state = _sampler_state(config, generator)
             tokens = next_tokens(logits, config, generator)  # batch
             tokens = torch.where(done, torch.full_like(tokens, head.pad_token_id), tokens)
+            session.drew(Draw(tokens, done, config, state))
             produced.append(tokens)
             if on_tokens is not None:
                 on_tokens(tokens)
             hidden = head.embed(tokens.unsqueeze(1))  # batch, 1, hidden
-    return torch.stack(produced, dim=1)
+        unverified = session.unverified()
+    if require_checks and unverified:
+        raise UnverifiedText(unverified)
+    return GenerationResult(torch.stack(produced, dim=1), unverified)
+
+
+def _sampler_state(
+    config: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor | None:
+    """What drawing again needs: the private generator's state, or torch's global one."""
+    if not config.do_sample:
+        return None
+    return generator.get_state() if generator is not None else torch.get_rng_state()

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from corolla.errors import CheckpointError
+from corolla.node.model.chat import load_tokenizer
 from corolla.node.model.checkpoint import Checkpoint
 from corolla.node.model.families import Family, Head
+from corolla.node.model.head import read_head
 from corolla.node.model.manifest import Manifest, load_manifest
 
 __all__ = ["ClientHead", "load_head"]
@@ -54,32 +55,15 @@ class ClientHead:
 def load_head(model_dir: str | Path) -> ClientHead:
     """Load only the client-side tensors of a checkpoint, and its tokenizer."""
     checkpoint = Checkpoint(model_dir)
-    family = checkpoint.family
-    head, names = family.build_head(checkpoint.config)
-    tied = family.tied_fallback() if checkpoint.config.tie_word_embeddings else {}
-    wanted: dict[str, str] = {}
-    for local_name, checkpoint_name in names.items():
-        if not checkpoint.has(checkpoint_name) and checkpoint_name in tied:
-            checkpoint_name = tied[checkpoint_name]
-        wanted[local_name] = checkpoint_name
-    tensors = checkpoint.read(set(wanted.values()))
-    state = {local: tensors[name] for local, name in wanted.items()}
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"the client tensors do not fit the config: {error}") from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(
-            f"cannot load the tokenizer of {checkpoint.directory}: {error}"
-        ) from error
+    manifest = load_manifest(checkpoint)
+    head = read_head(checkpoint, manifest)  # checked against the manifest's head digest
+    tokenizer = load_tokenizer(checkpoint.directory)
     return ClientHead(
-        head=head.float().eval(),
+        head=head,
         tokenizer=tokenizer,
         config=checkpoint.config,
-        family=family,
-        manifest=load_manifest(checkpoint),
+        family=checkpoint.family,
+        manifest=manifest,
         num_blocks=checkpoint.num_blocks,
         max_length=checkpoint.max_length,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from corolla.client.generation import Draw, TokenRange
 from corolla.errors import InvalidInput, SessionError, SpanOutOfRange
 from corolla.node.model.span import Span, SpanCache, load_span
 
@@ -43,6 +44,13 @@ class LocalSession:
 
     def finish(self) -> None:
         """Nothing to settle: local spans are trusted."""
+
+    def drew(self, draw: Draw) -> None:
+        """Nothing to check later: local spans are trusted."""
+
+    def unverified(self) -> tuple[TokenRange, ...]:
+        """None: every block ran in this process."""
+        return ()
 
     def close(self) -> None:
         self._caches = None

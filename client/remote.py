@@ -7,17 +7,19 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
-from hivemind.p2p import PeerID
 
+from corolla.client.check_ledger import CheckLedger, CheckRules
+from corolla.client.generation import Draw, TokenRange
+from corolla.client.head_rule import Logits
 from corolla.client.routing import Hop
 from corolla.client.runtime import BackgroundLoop
-from corolla.client.session import Failover, SwarmSession, WorkRecord
-from corolla.client.spotcheck import CheckOutcome, SpotCheckConfig, SpotChecker
+from corolla.client.session import SwarmSession
+from corolla.client.session_log import SessionLog
+from corolla.client.signer import Signer
+from corolla.client.spotcheck import SpotCheckConfig, SpotChecker
 from corolla.client.swarm import Swarm
 from corolla.node.model.manifest import Manifest
 from corolla.node.protocol.messages import NodeInfo
-from corolla.node.protocol.stream import request_info
-from corolla.verify.identity import Identity
 from corolla.verify.tickets import Ticket
 
 __all__ = ["RemoteBackbone", "RemoteSession"]
@@ -38,52 +40,49 @@ class RemoteSession:
     def finish(self) -> None:
         self._loop.run(self.core.finish())
 
+    def drew(self, draw: Draw) -> None:
+        self.core.drew(draw)
+
+    def unverified(self) -> tuple[TokenRange, ...]:
+        return self.core.unverified()
+
     @property
     def route(self) -> list[Hop]:
         return self.core.route
 
     @property
-    def work(self) -> list[WorkRecord]:
-        return self.core.work
-
-    @property
-    def failovers(self) -> list[Failover]:
-        return self.core.failovers
-
-    @property
-    def checks(self) -> list[CheckOutcome]:
-        return self.core.checks
-
-    @property
-    def rewinds(self) -> list[CheckOutcome]:
-        return self.core.rewinds
-
-    @property
-    def granted(self) -> dict[str, str]:
-        """Peer id -> the priority its steps ran at last ("high" or "free")."""
-        return self.core.granted
-
-    @property
-    def priority_notes(self) -> list[str]:
-        """Why a node did not (or no longer) honour the session's ticket, one note per cause."""
-        return self.core.priority_notes
+    def log(self) -> SessionLog:
+        """What happened so far: verified work, spot-checks, rewinds, failovers, priority."""
+        return self.core.log
 
 
 class RemoteBackbone:
-    """Every block of a model, served by the swarm."""
+    """Every block of a model, served by the swarm.
+
+    ``checks`` sets the spot-checks (None: off); ``ledger`` assigns their verifiers and judges
+    their disputes (None: the client draws verifiers itself and nobody judges); ``rules`` are
+    the thresholds and honest floors of the model (the profiles' defaults if None); ``logits``
+    is the client's head, for the head rule (no head rule if None).
+    """
 
     def __init__(
         self,
         swarm: Swarm,
         manifest: Manifest,
-        identity: Identity,
+        identity: Signer,
         loop: BackgroundLoop,
         checks: SpotCheckConfig | None = None,
+        ledger: CheckLedger | None = None,
+        rules: CheckRules | None = None,
+        logits: Logits | None = None,
     ) -> None:
         self.swarm = swarm
         self.checker = (
-            SpotChecker(swarm, manifest, identity, checks) if checks is not None else None
+            SpotChecker(swarm, manifest, identity.public_key, checks, rules, ledger)
+            if checks is not None
+            else None
         )
+        self.logits = logits
         self.manifest = manifest
         self.identity = identity
         self._loop = loop
@@ -97,8 +96,7 @@ class RemoteBackbone:
 
     def node_info(self, peer_id: str, timeout: float = 10.0) -> NodeInfo:
         """What a node says of itself (``rpc_info``): span, room, queue, forward time."""
-        peer = PeerID.from_base58(peer_id)
-        return self.run(request_info(self.swarm.p2p, peer, timeout=timeout))
+        return self.run(self.swarm.transport.info(peer_id, timeout))
 
     @contextmanager
     def inference_session(self, batch_size: int, max_length: int) -> Iterator[RemoteSession]:
@@ -110,6 +108,7 @@ class RemoteBackbone:
             max_length,
             self.checker,
             self.ticket,
+            self.logits,
         )
         session = RemoteSession(core, self._loop)
         self.last_session = session

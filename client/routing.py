@@ -2,22 +2,27 @@
 
 Dijkstra over block boundaries, as Petals does: an edge s -> e is a node serving blocks [s, e)
 (all of its span, or a part of it), weighted by the node's measured round-trip time plus the
-compute time its announced throughput implies for those blocks.
+compute time its announced throughput implies for those blocks. With preferred peers, every
+block served by another peer first costs :data:`NOT_PREFERRED`, so the route takes as few
+blocks from other peers as it can and, among those routes, the fastest.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from corolla.errors import RouteUnavailable
 from corolla.node.protocol.records import ServerRecord
 
-__all__ = ["DEFAULT_RTT", "Hop", "find_route", "hop_cost"]
+__all__ = ["DEFAULT_RTT", "NOT_PREFERRED", "Hop", "find_route", "hop_cost"]
 
 DEFAULT_RTT = 0.05
 """Seconds assumed for a node whose round trip was not measured yet."""
+
+NOT_PREFERRED = 1e6
+"""Cost of one block served by a peer that is not preferred, when some peers are."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,12 @@ def find_route(
     rtts: Mapping[str, float] | None = None,
     usable: Callable[[ServerRecord], bool] = lambda record: True,
     subspans: bool = True,
+    prefer: Collection[str] = (),
 ) -> list[Hop]:
-    """The cheapest chain of usable nodes covering [start, end) exactly, or RouteUnavailable."""
+    """The cheapest chain of usable nodes covering [start, end) exactly, or RouteUnavailable.
+
+    ``prefer``: peer ids that serve as many of the blocks as they can (see the module doc).
+    """
     rtts = rtts or {}
     candidates = {r.peer_id: r for r in records if usable(r)}
     edges: dict[int, list[tuple[int, ServerRecord]]] = {}
@@ -77,6 +86,8 @@ def find_route(
         for hop_end, record in edges.get(position, []):
             rtt = rtts.get(record.peer_id, DEFAULT_RTT)
             total = cost + hop_cost(record, position, hop_end, rtt)
+            if prefer and record.peer_id not in prefer:
+                total += NOT_PREFERRED * (hop_end - position)
             if total < best.get(hop_end, float("inf")):
                 best[hop_end] = total
                 previous[hop_end] = (position, record)

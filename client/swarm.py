@@ -1,4 +1,8 @@
-"""The client's window on the swarm: the DHT, a P2P handle, node records, round trips, bans."""
+"""The client's window on the swarm: node records, round trips, bans, routes.
+
+Everything it sends goes through a :class:`~corolla.client.transport.SwarmTransport` (hivemind by
+default), so a test can give the same logic an in-process network.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemind import DHT
-from hivemind.p2p import P2P, PeerID
-
 from corolla.client.bans import BanList
 from corolla.client.routing import Hop, find_route
-from corolla.errors import CorollaError, InvalidInput, NodeUnavailable, RouteUnavailable
-from corolla.node.protocol.records import NodeState, RecordValidator, ServerRecord, fetch_records
-from corolla.node.protocol.stream import request_info
+from corolla.client.transport import HivemindTransport, SwarmTransport
+from corolla.errors import CorollaError, InvalidInput, RouteUnavailable
+from corolla.node.protocol.records import NodeState, ServerRecord
 
 __all__ = ["ClientConfig", "Swarm"]
 
@@ -41,6 +42,14 @@ class ClientConfig:
     """Seconds a fetched view of the DHT is reused before it is fetched again."""
     subspans: bool = True
     """Use part of a node's span when that makes a cheaper route."""
+    prefer: frozenset[str] = frozenset()
+    """Peer ids to route through whenever they can serve: a route takes as few blocks from other
+    peers as it can, then the fastest. Preferred peers are still checked, banned and replaced
+    like any other (e.g. a test or a demo that wants a chosen node on the route)."""
+    verify_receipts: bool = True
+    """Check every node's receipt before using its output. Benchmarks only may turn it off (to
+    measure what checking costs): such a client accepts any activation from any node. Nothing
+    else, and no environment variable, changes it."""
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -61,9 +70,8 @@ class _View:
 class Swarm:
     """Discovery, liveness and bans, shared by every session of one client."""
 
-    def __init__(self, dht: DHT, p2p: P2P, config: ClientConfig) -> None:
-        self.dht = dht
-        self.p2p = p2p
+    def __init__(self, transport: SwarmTransport, config: ClientConfig) -> None:
+        self.transport = transport
         self.config = config
         self.bans = BanList(base_seconds=config.ban_seconds)
         self.rtts: dict[str, float] = {}
@@ -74,21 +82,9 @@ class Swarm:
 
     @classmethod
     async def connect(cls, config: ClientConfig) -> Swarm:
-        try:
-            dht = await asyncio.to_thread(
-                DHT,
-                initial_peers=list(config.initial_peers),
-                client_mode=True,
-                start=True,
-                record_validators=[RecordValidator()],
-                startup_timeout=config.connect_timeout,
-            )
-        except Exception as error:
-            raise NodeUnavailable(
-                f"cannot join the swarm through {', '.join(config.initial_peers)}: {error}"
-            ) from None
-        p2p = await dht.replicate_p2p()
-        return cls(dht, p2p, config)
+        """Join the swarm through ``config.initial_peers`` over hivemind."""
+        transport = await HivemindTransport.connect(config.initial_peers, config.connect_timeout)
+        return cls(transport, config)
 
     async def servers(
         self, model_digest: bytes, num_blocks: int, fresh: bool = False
@@ -97,7 +93,7 @@ class Swarm:
         view = self._views.get(model_digest)
         now = time.monotonic()
         if fresh or view is None or now - view.fetched_at > self.config.records_ttl:
-            per_block = await fetch_records(self.dht, model_digest, num_blocks)
+            per_block = await self.transport.fetch_records(model_digest, num_blocks)
             unique = {r.peer_id: r for servers in per_block for r in servers.values()}
             view = _View(now, list(unique.values()))
             self._views[model_digest] = view
@@ -126,36 +122,51 @@ class Swarm:
     async def _ping(self, peer_id: str) -> float | None:
         started = time.perf_counter()
         try:
-            await request_info(
-                self.p2p, PeerID.from_base58(peer_id), timeout=self.config.ping_timeout
-            )
-        except CorollaError:
+            async with asyncio.timeout(self.config.ping_timeout):
+                await self.transport.info(peer_id, self.config.ping_timeout)
+        except (TimeoutError, CorollaError):
             return None
-        except ValueError:
-            return None  # a peer id that is not base58
         return time.perf_counter() - started
 
-    async def route(self, model_digest: bytes, num_blocks: int, start: int, end: int) -> list[Hop]:
-        """The cheapest usable chain over [start, end); the view is refreshed once if none."""
+    async def route(
+        self,
+        model_digest: bytes,
+        num_blocks: int,
+        start: int,
+        end: int,
+        avoid: frozenset[str] = frozenset(),
+    ) -> list[Hop]:
+        """The cheapest usable chain over [start, end), through none of ``avoid`` (peers a
+        session stopped using); the view is refreshed once if there is none."""
         try:
-            return await self._route_once(model_digest, num_blocks, start, end, fresh=False)
+            return await self._route_once(model_digest, num_blocks, start, end, avoid, fresh=False)
         except RouteUnavailable:
-            return await self._route_once(model_digest, num_blocks, start, end, fresh=True)
+            return await self._route_once(model_digest, num_blocks, start, end, avoid, fresh=True)
 
     async def _route_once(
-        self, model_digest: bytes, num_blocks: int, start: int, end: int, *, fresh: bool
+        self,
+        model_digest: bytes,
+        num_blocks: int,
+        start: int,
+        end: int,
+        avoid: frozenset[str],
+        *,
+        fresh: bool,
     ) -> list[Hop]:
         records = await self.servers(model_digest, num_blocks, fresh=fresh)
         await self.measure(records)
         return find_route(
-            records, start, end, rtts=self.rtts, usable=self.usable, subspans=self.config.subspans
+            records,
+            start,
+            end,
+            rtts=self.rtts,
+            usable=lambda record: record.peer_id not in avoid and self.usable(record),
+            subspans=self.config.subspans,
+            prefer=self.config.prefer,
         )
 
     async def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            await self.p2p.shutdown()
-        finally:
-            await asyncio.to_thread(self.dht.shutdown)
+        await self.transport.shutdown()

@@ -1,12 +1,14 @@
-"""`corolla demo`: the whole system on this machine, on the bundled tiny model.
+"""`corolla demo`: the whole system on this machine, on a real trained model.
 
-A ledger (with a referee that holds the model), four honest nodes and one cheating node on
-127.0.0.1; a client generates through them with spot-checks on, a node dies half-way, the
-cheater is caught by a spot-check, routed around and its text regenerated; the client reports
-the work to the ledger, which slashes the cheater and pays the honest nodes; a node that earned
-spends points on a ticket, and a paid and a free client generate side by side through a node
-loaded by free clients; then the ledger is audited. Everything is stopped at the end, also on
-Ctrl-C.
+By default the demo runs SmolLM2-135M-Instruct (fetched and converted on first use, with progress;
+``corolla model fetch smollm2-135m``), so a newcomer reads real answers coming out of a verified
+swarm; ``--tiny``, or a machine where the model cannot be had, uses the bundled tiny random model. A
+ledger (with a referee that holds the model), four honest nodes and one cheating node on 127.0.0.1;
+a client generates through them with spot-checks on, a node dies half-way, the cheater is caught by
+a spot-check, routed around and its text regenerated; the client reports the work to the ledger,
+which slashes the cheater and pays the honest nodes; a node that earned spends points on a ticket,
+and a paid and a free client generate side by side through a node loaded by free clients; then the
+ledger is audited. Everything is stopped at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from corolla.client.remote import RemoteSession
 from corolla.client.reporting import ReportSummary, report_session
 from corolla.client.spotcheck import SpotCheckConfig
 from corolla.client.swarm import ClientConfig
-from corolla.errors import InvalidInput
+from corolla.errors import CheckpointError, InvalidInput
 from corolla.ledger.api.client import LedgerClient
 from corolla.ledger.audit import audit
 from corolla.ledger.sources import HttpSource
+from corolla.node.model.chat import chat_input_ids, chat_messages, has_chat_template
 from corolla.node.model.checkpoint import Checkpoint
+from corolla.node.model.fetch import fetch_model
 from corolla.node.model.manifest import load_manifest
 from corolla.node.model.span import load_span
 from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
@@ -44,7 +48,20 @@ from corolla.verify.identity import load_or_create_identity
 __all__ = ["register", "run_demo"]
 
 DEFAULT_DIR = Path(".corolla") / "demo"
+REAL_MODEL = "smollm2-135m"
+REAL_PROMPT = "What is the capital of France? Answer in one sentence."
+TINY_PROMPT = "A swarm of volunteers"
 _console = Console()
+
+
+def _real_model() -> Path | None:
+    """The trained model's checkpoint, fetched on first use; None (said why) if it cannot be had."""
+    try:
+        with _console.status(f"fetching {REAL_MODEL} (first use only: download and convert)"):
+            return fetch_model(REAL_MODEL)
+    except CheckpointError as error:
+        _console.print(f"[yellow]{REAL_MODEL} cannot be had here ({error}); using the tiny model")
+        return None
 
 
 def _ensure_model(models: Path, family: str) -> Path:
@@ -59,18 +76,22 @@ def _ensure_model(models: Path, family: str) -> Path:
 def run_demo(
     directory: Path,
     family: str,
-    prompt: str,
+    prompt: str | None,
     max_new_tokens: int,
     kill_one: bool,
     cheat: bool,
     priority: bool = True,
+    tiny: bool = False,
 ) -> None:
     if family not in ("bloom", "llama"):
         raise InvalidInput(f"unknown family {family!r} (choose bloom or llama)")
     # The demo's own tensors are small (a head, a reference run); a second OpenMP thread would
     # spin between ops on the cores the nodes it starts need.
     torch.set_num_threads(1)
-    model_dir = _ensure_model(directory / "models", family)
+    real = None if tiny else _real_model()
+    model_dir = real or _ensure_model(directory / "models", family)
+    if prompt is None:
+        prompt = TINY_PROMPT if real is None else REAL_PROMPT
     num_blocks = Checkpoint(model_dir).num_blocks
     half = num_blocks // 2
     first, second = f"0:{half}", f"{half}:{num_blocks}"
@@ -80,7 +101,8 @@ def run_demo(
             ledger = LedgerProcess(
                 scratch / "ledger.db",
                 scratch / "ledger.key",
-                extra=["--referee-model", str(model_dir)],
+                # A one-second beacon: checks wait for the epoch after the work they check.
+                extra=["--referee-model", str(model_dir), "--beacon-period-s", "1"],
             )
         with ledger, LocalSwarm(scratch / "nodes") as swarm:
             _console.print(f"ledger at {ledger.url}")
@@ -101,8 +123,10 @@ def run_demo(
                     _console.print(
                         f"node {node.peer_id[-8:]} serves blocks {blocks}, {roles[node.peer_id]}"
                     )
-            client = ClientConfig(
-                initial_peers=tuple(swarm.initial_peers), identity=scratch / "client.key"
+            client = ClientConfig(  # the route takes the cheater first
+                initial_peers=tuple(swarm.initial_peers),
+                identity=scratch / "client.key",
+                prefer=frozenset(peer for peer, role in roles.items() if role != "honest"),
             )
             checks = SpotCheckConfig(rate=0.25, seed=0)
             with DistributedModelForCausalLM.from_pretrained(
@@ -113,11 +137,11 @@ def run_demo(
                 )
                 with LedgerClient(ledger.url, load_or_create_identity(client.identity)) as api:
                     with _console.status("reporting the work and the evidence to the ledger"):
-                        report = report_session(api, session.work, session.checks)
+                        report = report_session(api, session.log.work, session.log.checks)
                     _show_report(report)
-                    _show_nodes(api, swarm, roles, session)
+                    balances = _show_nodes(api, swarm, roles, session)
             if priority:
-                _paid_and_free(swarm, model_dir, ledger.url, scratch, prompt, num_blocks)
+                _paid_and_free(swarm, model_dir, ledger.url, scratch, num_blocks, balances)
             with _console.status("auditing the ledger"):
                 result = audit(HttpSource(ledger.url))
             _console.print(
@@ -140,16 +164,15 @@ def _generate(
     model_dir: Path,
 ) -> RemoteSession:
     by_peer = {node.peer_id: node for node in swarm.nodes}
-    for peer, role in roles.items():  # the cheater looks nearest, so the route takes it first
-        model.backbone.swarm.rtts[peer] = 0.0001 if role != "honest" else 0.01
-    input_ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+    input_ids = _prompt_ids(model.tokenizer, prompt)
     produced: list[int] = []
     killed: list[str] = []
+    kill_at = min(max_new_tokens // 2, 4)  # early: a chat answer may be short
 
     def on_tokens(tokens: torch.Tensor) -> None:
         produced.append(int(tokens[0]))
         session = model.backbone.last_session
-        if kill_one and not killed and len(produced) == max_new_tokens // 2 and session:
+        if kill_one and not killed and len(produced) == kill_at and session:
             victim = session.route[0].peer_id
             by_peer[victim].kill()
             killed.append(victim)
@@ -162,7 +185,10 @@ def _generate(
             f"generation resumes from token {kept} on a route without it[/yellow]"
         )
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
+    # A chat model answers and stops at its end of turn; the tiny model's noise runs to the end.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, stop_at_eos=has_chat_template(model.tokenizer)
+    )
     started = time.perf_counter()
     with _console.status("generating through the swarm"):
         model.generate(input_ids, config, on_tokens=on_tokens, on_rewind=on_rewind)
@@ -173,22 +199,30 @@ def _generate(
     text = model.tokenizer.decode(produced, skip_special_tokens=True)
     shown = "".join(c if c.isprintable() else "·" for c in text)
     _console.print(f"\n[bold]prompt[/bold]    {prompt}\n[bold]generated[/bold] {shown}")
-    _console.print("[dim](random weights: the text is noise; the point is that it is exact)[/dim]")
+    if not has_chat_template(model.tokenizer):
+        _console.print("[dim](random weights: the text is noise; the point is that it is exact)")
     local = LocalBackbone([load_span(model_dir, 0, num_blocks)])
     reference = generate(model.head, local, input_ids, config)[0].tolist()
     verdict = "[green]yes[/green]" if reference == produced else "[red]NO[/red]"
     _console.print(f"equals local generation of the same checkpoint: {verdict}")
     route = " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end}]" for h in session.route)
     _console.print(f"route at the end: {route}; {len(produced)} tokens in {elapsed:.2f} s")
-    for failover in session.failovers:
+    for failover in session.log.failovers:
         _console.print(
             f"node {failover.peer_id[-8:]} (blocks {failover.start}:{failover.end}) failed "
             f"({failover.reason[:60]}); replaced by "
             f"{', '.join(p[-8:] for p in failover.replacements)}, cache rebuilt by replay"
         )
-    verdicts = Counter(check.verdict for check in session.checks)
+    verdicts = Counter(check.verdict for check in session.log.checks)
     _console.print("spot-checks: " + ", ".join(f"{n} {verdict}" for verdict, n in verdicts.items()))
     return session
+
+
+def _prompt_ids(tokenizer: object, prompt: str) -> torch.Tensor:
+    """[1, tokens]: through the chat template where the checkpoint has one."""
+    if has_chat_template(tokenizer):  # type: ignore[arg-type]
+        return torch.tensor([chat_input_ids(tokenizer, chat_messages(prompt))])  # type: ignore[arg-type]
+    return tokenizer(prompt, return_tensors="pt").input_ids  # type: ignore[operator]
 
 
 def _show_report(report: ReportSummary) -> None:
@@ -206,10 +240,17 @@ def _show_report(report: ReportSummary) -> None:
 
 
 def _paid_and_free(
-    swarm: LocalSwarm, model_dir: Path, ledger_url: str, scratch: Path, prompt: str, blocks: int
+    swarm: LocalSwarm,
+    model_dir: Path,
+    ledger_url: str,
+    scratch: Path,
+    blocks: int,
+    balances: dict[str, int],
 ) -> None:
     """A node that earned buys a ticket; it and a free client generate side by side through a
-    new node loaded by free clients (each its own low-priority process)."""
+    new node loaded by free clients (each its own low-priority process). ``balances``: what
+    the nodes table showed, so the spend line can say where the rest came from."""
+    prompt = TINY_PROMPT  # a short plain prompt: priority is about latency, not the answer
     config = GenerationConfig(max_new_tokens=16, stop_at_eos=False)
     budget = ticket_budget(model_dir, prompt, config, blocks)
     with _console.status("earning enough points for a ticket"):
@@ -222,9 +263,15 @@ def _paid_and_free(
     with _console.status(f"3 free clients load node {busy.peer_id[-8:]}; paid and free generate"):
         run = paid_vs_free(load, payer.identity, ledger_url, budget, clients=3)
     bought = run.ticket
+    shown = balances.get(payer.peer_id, 0)
+    earned = (
+        f"had {shown} points in the table above; more checked sessions brought it to {points}"
+        if points != shown
+        else f"has {points} points"
+    )
     _console.print(
-        f"node {payer.peer_id[-8:]} spends {bought.cost} of its {points} points on a ticket "
-        f"for {bought.ticket.budget} block-tokens"
+        f"node {payer.peer_id[-8:]} {earned}; it spends {bought.cost} of them on a ticket for "
+        f"{bought.ticket.budget} block-tokens (balance left {points - bought.cost})"
     )
     table = Table(title=f"one node serving all blocks, loaded by {run.free_clients} free clients")
     for column in ("client", "ran at", "ms per token (median)", "p90"):
@@ -246,13 +293,16 @@ def _paid_and_free(
 
 def _show_nodes(
     api: LedgerClient, swarm: LocalSwarm, roles: dict[str, str], session: RemoteSession
-) -> None:
-    steps = Counter(record.peer_id for record in session.work)
+) -> dict[str, int]:
+    """Print each node's work and account; return the balances shown, by peer id."""
+    steps = Counter(record.peer_id for record in session.log.work)
+    shown: dict[str, int] = {}
     table = Table(title="nodes after the session")
     for column in ("node", "blocks", "role", "steps served", "points", "reputation", "slashed"):
         table.add_column(column)
     for node in swarm.nodes:
         account = api.account(_public_key(node))
+        shown[node.peer_id] = account.balance if account else 0
         table.add_row(
             node.peer_id[-8:],
             node.args[node.args.index("--blocks") + 1],
@@ -263,6 +313,7 @@ def _show_nodes(
             "yes" if account and account.slashed else "",
         )
     _console.print(table)
+    return shown
 
 
 def _public_key(node: NodeProcess) -> bytes:
@@ -272,7 +323,12 @@ def _public_key(node: NodeProcess) -> bytes:
 def demo(
     directory: Path = typer.Option(DEFAULT_DIR, "--dir", help="Where models and keys are kept."),
     family: str = typer.Option("bloom", help="bloom or llama."),
-    prompt: str = typer.Option("A swarm of volunteers", help="The text to continue."),
+    prompt: str | None = typer.Option(
+        None, help="The message (through the chat template of the real model; tiny: continued)."
+    ),
+    tiny: bool = typer.Option(
+        False, "--tiny", help="Use the bundled tiny random model instead of SmolLM2-135M."
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
     kill_one: bool = typer.Option(
         True, "--kill-one/--no-kill-one", help="Kill a node half-way to show failover."
@@ -284,10 +340,10 @@ def demo(
         True, "--priority/--no-priority", help="Show a paid and a free client on a loaded node."
     ),
 ) -> None:
-    """Run a whole local swarm with a ledger on the bundled tiny model."""
+    """Run a whole local swarm with a ledger on a real trained model (or the tiny one)."""
     if max_new_tokens < 2:
         raise InvalidInput("max-new-tokens must be at least 2")
-    run_demo(directory, family, prompt, max_new_tokens, kill_one, cheat, priority)
+    run_demo(directory, family, prompt, max_new_tokens, kill_one, cheat, priority, tiny)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,8 @@ proofs, signed writes) behind a body-size limit; errors as 4xx JSON.
 Every error is ``{"error": "<message>"}`` with a 4xx status: 401 for a missing, malformed or
 forged signature and a stale timestamp, 409 for a replayed nonce or a refusal by the rules
 (insufficient balance, ticket overspent), 403 for operator-only actions, 404 for unknown
-things, 413 for a body over the limit, 422 (or 400) for malformed input. The interactive
+things, 413 for a body over the limit, 422 (or 400) for malformed input, 425 for a beacon (or
+the candidates) of an epoch that has not begun. The interactive
 OpenAPI document is served at ``/docs``.
 """
 
@@ -22,7 +23,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corolla.errors import CorollaError, LedgerRefused, VerificationError
-from corolla.ledger.bodies import EvidenceBody, PairsBody, ReportBody
+from corolla.ledger.bodies import DisputeBody, EvidenceBody, PairsBody, ReportBody
+from corolla.ledger.check_routes import beacons, calibrations, disputes, serving
 from corolla.ledger.routes import MAX_PAGE, Ledger, proofs, reads, ref, writes
 from corolla.ledger.store import LedgerStore
 
@@ -101,12 +103,15 @@ def create_app(store: LedgerStore) -> FastAPI:
     app.add_middleware(
         BodyLimit,
         limit=store.limits.max_body_bytes,
-        paths={"/v1/evidence": store.limits.max_evidence_body_bytes},
+        paths={
+            "/v1/evidence": store.limits.max_evidence_body_bytes,
+            "/v1/disputes": store.limits.max_evidence_body_bytes,
+        },
     )
     _install_error_handlers(app)
-    for router in (reads, proofs, writes):
+    for router in (reads, proofs, writes, beacons, serving, calibrations, disputes):
         app.include_router(router)
-    _document(app, PairsBody, ReportBody, EvidenceBody)
+    _document(app, PairsBody, ReportBody, EvidenceBody, DisputeBody)
     return app
 
 

@@ -13,14 +13,17 @@ behind it, then checks, failing on the first entry at fault (:class:`AuditFailed
 5. each operation: the author's signature, the body's digest, a fresh nonce, a timestamp inside
    the clock window; then replaying the operation under the log's own rules (genesis entry) on
    a fresh in-memory state re-verifies every receipt signature behind a credit or a redemption
-   and every attestation behind a credit (its verifier's signature, independence, trust, and
-   the tokens it recomputed), re-checks every piece of fraud evidence behind a slash
-   (``check_evidence``: signatures, digests, tensors, comparisons), and must produce exactly the
-   logged entries, which enforces the invariants (no double credit, no negative balance, no
-   ticket overspent, every credit backed by a passed check, every verifier fee paid once, every
-   slash backed by evidence, nothing earned after a slash). A conviction by the ledger's
-   referee is taken as logged unless the auditor has the model (``referee``), in which case it
-   recomputes the accused's outputs and must find them wrong too;
+   and every attestation behind a credit (the verifier's signed verdict and recomputation, the
+   beacon's signature, the assignment re-derived from the beacon, the node's chain and the
+   serving declarations replayed so far, the verdict against the threshold of the calibrations
+   replayed so far), re-checks every piece of fraud evidence and every dispute
+   (``check_evidence``, ``check_dispute``: signatures, digests, tensors), and must produce
+   exactly the logged entries, which enforces the invariants (no double credit, no negative
+   balance, no ticket overspent, every credit backed by a passed check of an assigned verifier,
+   every position a verifier checked paid once, every slash backed by evidence or a dispute,
+   nothing earned after a slash). The ledger referee's convictions and judgments are taken as
+   logged unless the auditor has the model (``referee``), in which case it recomputes them and
+   must reach the same decision;
 6. the balances, reputations and slashed marks the ledger serves equal the recomputed ones.
 """
 
@@ -35,12 +38,18 @@ from typing import Any
 
 from corolla.errors import CorollaError, InvalidInput, VerificationError
 from corolla.ledger.api.models import Draft
-from corolla.ledger.audit_checks import Checked, LoggedReferee, OperationChecker, check_operation
+from corolla.ledger.audit_checks import (
+    Checked,
+    LoggedJudge,
+    LoggedReferee,
+    OperationChecker,
+    check_operation,
+)
 from corolla.ledger.config import LedgerRules
 from corolla.ledger.entries import RawEntry, RawOperation, raw_leaf_hash
+from corolla.ledger.memory import MemoryState
 from corolla.ledger.operations import apply
 from corolla.ledger.sources import LogSource
-from corolla.ledger.state import MemoryState
 from corolla.verify.checkpoints import Checkpoint, verify_checkpoint
 from corolla.verify.encoding import decode
 from corolla.verify.fast import encode
@@ -80,6 +89,7 @@ class AuditReport:
     pairs_verified: int = 0
     attestations_verified: int = 0
     evidence_checked: int = 0
+    disputes_checked: int = 0
     referee_recomputed: int = 0
     accounts: int = 0
     points: int = 0
@@ -221,7 +231,7 @@ def _replay(
         rules = LedgerRules.from_dict(decode(genesis[5]).get("rules"))
     except (InvalidInput, AttributeError) as error:
         raise AuditFailed(f"the genesis entry holds no valid rules: {error}", 0) from None
-    state = MemoryState(checkpoint.ledger_key, rules)
+    state = MemoryState(checkpoint.ledger_key, rules, checkpoint.origin)
     nonces: set[tuple[bytes, bytes]] = set()
     last_op = -1
     for group in _groups(entries):
@@ -230,8 +240,12 @@ def _replay(
         if operation is None or first[6] <= last_op:
             raise AuditFailed("the operation behind it is missing or out of order", first[0])
         last_op = first[6]
-        evidence = operation[4] == "evidence"
-        logged = LoggedReferee.of(group, referee) if evidence else None
+        evidence = operation[4] in ("evidence", "dispute")
+        logged: LoggedReferee | LoggedJudge | None = None
+        if operation[4] == "evidence":
+            logged = LoggedReferee.of(group, referee)
+        elif operation[4] == "dispute":
+            logged = LoggedJudge.of(group, referee)
         checked = checker.take(operation) or check_operation(operation, logged)
         _check_operation(group, operation, checked, rules, nonces)
         prepared = checked.prepared
@@ -239,6 +253,7 @@ def _replay(
             raise AuditFailed(f"its operation does not verify: {prepared}", first[0])
         report.pairs_verified += len(prepared.steps)
         report.attestations_verified += len(prepared.attestations)
+        report.disputes_checked += operation[4] == "dispute"
         report.evidence_checked += evidence
         report.referee_recomputed += 0 if logged is None else logged.recomputed
         for entry in group:

@@ -6,9 +6,10 @@ state, so the auditor runs the big ones (reports and redemptions) in worker proc
 goes on reading and hashing the log, and takes their results when it replays them in order.
 Results come back as plain tuples (cheaper to send between processes than dataclasses).
 
-Fraud evidence is checked in line (``check_evidence`` again, on the stored bytes); a conviction
-by the ledger's referee is taken as logged (:class:`LoggedReferee`) unless the auditor has the
-model, in which case it is recomputed.
+Fraud evidence and disputes are checked in line (``check_evidence`` or ``check_dispute`` again,
+on the stored bytes); the ledger's referee's finding or judgment is taken as logged
+(:class:`LoggedReferee`, :class:`LoggedJudge`) unless the auditor has the model, in which case
+it is recomputed and must agree.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "AUDIT_LIMITS",
     "HEAVY",
     "Checked",
+    "LoggedJudge",
     "LoggedReferee",
     "OperationChecker",
     "check_operation",
@@ -230,3 +232,58 @@ class LoggedReferee:
                 )
             self.recomputed += mine.status == "failed"  # declined: another model, not judged
         return self.finding
+
+
+class LoggedJudge:
+    """The ledger's referee on a dispute as the log recorded it: its judgment (or why it
+    declined) is the logged one; when the auditor has the model (a referee offering ``judge``),
+    it judges again and must reach the same decision: whether the node lied, and which
+    verifiers did."""
+
+    def __init__(self, payload: dict[str, Any], referee: RefereeLike | None) -> None:
+        self.payload = payload
+        self.referee = referee
+        self.recomputed = 0
+
+    @classmethod
+    def of(cls, group: list[RawEntry], referee: RefereeLike | None) -> LoggedJudge | None:
+        """The stand-in for a dispute operation's entries (None: the ledger had no referee)."""
+        logged = next((entry for entry in group if entry[1] == "dispute"), None)
+        try:
+            payload = None if logged is None else decode(logged[5])
+        except InvalidInput:
+            payload = None
+        if not isinstance(payload, dict) or payload.get("referee") not in ("judged", "declined"):
+            return None
+        return cls(payload, referee)
+
+    def judge(self, dispute: Any) -> Any:
+        from corolla.verify.disputes import Judgment
+
+        payload = self.payload
+        if payload["referee"] == "declined":
+            return RefereeFinding("declined", "", str(payload.get("note", "")))
+        try:
+            logged = Judgment(
+                node_lied=bool(payload["node_lied"]),
+                node_reason=str(payload["node_reason"]),
+                node_score=float(payload["node_score"]),
+                lying_verifiers=tuple(
+                    (bytes(key), str(why)) for key, why in payload["lying_verifiers"]
+                ),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise VerificationError(f"the logged judgment is malformed: {error}") from None
+        judge = getattr(self.referee, "judge", None)
+        if judge is not None:
+            mine = judge(dispute)
+            if isinstance(mine, Judgment):
+                self.recomputed += 1
+                decided = (mine.node_lied, {key for key, _ in mine.lying_verifiers})
+                if decided != (logged.node_lied, {key for key, _ in logged.lying_verifiers}):
+                    raise VerificationError(
+                        "the auditor's own recomputation does not support the referee's judgment "
+                        f"(node lied: {mine.node_lied}; lying verifiers: "
+                        f"{len(mine.lying_verifiers)})"
+                    )
+        return logged

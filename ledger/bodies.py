@@ -14,7 +14,11 @@ from corolla.verify.receipts import MAX_BLOCK, MAX_TOKENS
 
 __all__ = [
     "AttestationModel",
+    "BeaconModel",
     "BuyTicketBody",
+    "CalibrationModel",
+    "CalibrationsBody",
+    "DisputeBody",
     "EvidenceBody",
     "PairModel",
     "PairsBody",
@@ -22,8 +26,10 @@ __all__ = [
     "RegisterBody",
     "ReportBody",
     "ReportPairModel",
+    "ServingBody",
     "SlashBody",
     "StepRequestModel",
+    "VerdictModel",
 ]
 
 Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -34,6 +40,10 @@ Block = Annotated[int, Field(ge=0, le=MAX_BLOCK)]
 Count = Annotated[int, Field(ge=0, le=INT_MAX)]
 Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 Version = Annotated[int, Field(ge=1, le=INT_MAX)]
+Profile = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,16}$")]
+Number = Annotated[
+    str, StringConstraints(pattern=r"^(inf|nan|[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?)$", max_length=32)
+]
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -102,21 +112,56 @@ class ReportPairModel(BaseModel):
     receipt: Base64
 
 
-class AttestationModel(BaseModel):
-    """A spot-check: steps ``0..steps-1`` of ``node``'s session on blocks ``[start, end)``
-    compared with the verifier's recomputation (the client's request and the verifier's
-    receipt, ``to_bytes()`` in base64); ``score`` is the comparison's score as text."""
+class VerdictModel(BaseModel):
+    """A verifier's signed verdict (``CheckVerdict.to_dict()``): it compared the node's steps
+    ``[first_step, end_step)`` with its own recomputation and signed the score, the threshold
+    and whether they passed."""
 
     model_config = _STRICT
-    node: Hex32
-    session: Hex16
+    verifier_key: Hex32
+    client_key: Hex32
+    node_key: Hex32
+    model_digest: Hex32
+    span_digest: Hex32
+    node_chain: Hex32
+    recomputation_digest: Hex32
+    session_id: Hex16
     start: Block
     end: Block
-    steps: Annotated[int, Field(ge=1, le=2**31)]
+    first_step: Count
+    end_step: Count
+    first_position: Count
+    end_position: Count
+    beacon_epoch: Count
+    recomputed_positions: Count
+    profile: Profile
+    score: Number
+    threshold: Number
     passed: bool
-    score: Annotated[str, StringConstraints(max_length=32)]
+    signature: Hex64
+
+
+class BeaconModel(BaseModel):
+    """The ledger's signed beacon of an epoch (``Beacon.to_dict()``)."""
+
+    model_config = _STRICT
+    origin: str = Field(min_length=1, max_length=256)
+    period: int = Field(ge=1, le=24 * 3600)
+    epoch: Count
+    ledger_key: Hex32
+    signature: Hex64
+
+
+class AttestationModel(BaseModel):
+    """A check (checks v2): the verifier's signed verdict, the client's request to the verifier
+    and the verifier's receipt for its recomputation (``to_bytes()`` in base64), and the beacon
+    of the epoch that assigned the verifier."""
+
+    model_config = _STRICT
+    verdict: VerdictModel
     request: Base64
     receipt: Base64
+    beacon: BeaconModel
 
 
 class ReportBody(BaseModel):
@@ -157,3 +202,44 @@ class SlashBody(BaseModel):
     account: Hex32
     reason: str = Field(max_length=500)
     evidence: Hex32
+
+
+class ServingBody(BaseModel):
+    """A node serves (or no longer serves) blocks ``[start, end)`` of the model with digest
+    ``model`` under compute ``profile`` (fp32, int8, nf4)."""
+
+    model_config = _STRICT
+    model: Hex32
+    start: Block
+    end: Block
+    profile: Profile
+
+
+class CalibrationModel(BaseModel):
+    """One model's measured honest divergence under one profile (a ``Calibration``, its
+    numbers as text: ``repr`` of the float)."""
+
+    model_config = _STRICT
+    model_digest: Hex32
+    profile: Profile
+    checked_steps: int = Field(ge=1, le=INT_MAX)
+    honest_max: Number
+    honest_p999: Number
+    threshold_margin: Number
+    floor_margin: Number
+    command: str = Field(max_length=1000)
+
+
+class CalibrationsBody(BaseModel):
+    """Operator only: publish calibrations (what ``corolla-tolerance.json`` holds)."""
+
+    model_config = _STRICT
+    calibrations: list[CalibrationModel] = Field(min_length=1, max_length=64)
+
+
+class DisputeBody(BaseModel):
+    """A dispute: the base64 of ``Dispute.to_bytes()`` (the node's claims and the verdicts on
+    them), submitted by the client of the claims."""
+
+    model_config = _STRICT
+    dispute: str

@@ -1,4 +1,5 @@
-"""``corolla ledger ...``: serve a ledger, audit one, and read balances, histories, the top.
+"""``corolla ledger ...``: serve a ledger, audit one, read balances, histories, the top, and (the
+operator) slash on logged evidence and publish a model's tolerances.
 
 ``register(app)`` adds the ``ledger`` sub-app to the ``corolla`` command. Expected errors are
 :class:`~corolla.errors.CorollaError` and become one line at the top (``corolla.cli.main``); a
@@ -104,6 +105,14 @@ RefereeTokensOption = Annotated[
 EvidenceBytesOption = Annotated[
     int, typer.Option("--max-evidence-bytes", min=1024, help="Largest evidence body.")
 ]
+BeaconOption = Annotated[
+    int,
+    typer.Option(
+        "--beacon-period-s",
+        min=1,
+        help="Seconds per beacon epoch: checks are assigned by each epoch's beacon (new logs).",
+    ),
+]
 SeedOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -127,6 +136,7 @@ def serve_command(
     workers: WorkersOption = 1,
     fee: FeeOption = _RULES.verifier_fee_permille,
     min_reputation: ReputationOption = _RULES.min_verifier_reputation,
+    beacon_period: BeaconOption = _RULES.beacon_period_s,
     referee_model: RefereeOption = None,
     referee_max_tokens: RefereeTokensOption = 8192,
     max_evidence_bytes: EvidenceBytesOption = _LIMITS.max_evidence_body_bytes,
@@ -143,6 +153,7 @@ def serve_command(
         ticket_price=price,
         verifier_fee_permille=fee,
         min_verifier_reputation=min_reputation,
+        beacon_period_s=beacon_period,
         workers=workers,
         referee_model=referee_model,
         referee_max_tokens=referee_max_tokens,
@@ -329,6 +340,29 @@ def slash_command(
     with LedgerClient(url, load_identity(key)) as client:
         taken = client.slash(target, reason, reference)
     typer.echo(f"slashed {target.hex()[:16]}: took {taken} points, reputation zeroed")
+
+
+@ledger_app.command("publish-tolerance")
+def publish_tolerance_command(
+    file: Annotated[
+        Path, typer.Argument(help="A corolla-tolerance.json (corolla model calibrate writes it).")
+    ],
+    key: Annotated[Path, typer.Option("--key", help="The ledger's own key file (operator).")],
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Operator: publish a model's measured tolerances in the log, so the ledger and every
+    verifier hold checks of that model to the same thresholds."""
+    from corolla.verify.tolerance import load_calibrations
+
+    calibrations = list(load_calibrations(file).values())
+    with LedgerClient(url, load_identity(key)) as client:
+        result = client.publish_calibrations(calibrations)
+    for calibration in calibrations:
+        typer.echo(
+            f"published {calibration.profile} of model {calibration.model_digest.hex()[:16]}: "
+            f"threshold {calibration.threshold:.3g} (honest max {calibration.honest_max:.3g} "
+            f"x {calibration.threshold_margin:g}), entries {result['entries']}"
+        )
 
 
 def _account_key(text: str) -> bytes:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from corolla.errors import InvalidInput
+from corolla.verify.beacon import MAX_PERIOD_S
 
 __all__ = ["LedgerRules", "ServiceLimits"]
 
@@ -37,6 +38,10 @@ class LedgerRules:
     was never slashed and its reputation is at least this. 0 lets a new swarm bootstrap: nobody
     has reputation yet. Raising it makes every verifier first earn credit in that many client
     sessions checked by others, so a Sybil verifier costs real, checked work."""
+    beacon_period_s: int = 10
+    """Length of a beacon epoch (``GET /v1/beacon/{epoch}``): a check is assigned by the beacon
+    of the first epoch that began after the client received the node's last checked receipt,
+    among the verifiers declared before that epoch began."""
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -46,6 +51,8 @@ class LedgerRules:
                 raise InvalidInput(
                     f"ledger rule {field.name} must be an int in [{low}, 2^31), not {value}"
                 )
+        if self.beacon_period_s > MAX_PERIOD_S:
+            raise InvalidInput(f"ledger rule beacon_period_s must be at most {MAX_PERIOD_S}")
 
     def to_dict(self) -> dict[str, int]:
         """The rules as a canonical-encodable dict (the genesis entry's payload)."""

@@ -26,6 +26,10 @@ KINDS = (
     "ticket_redeemed",
     "slash",
     "fraud_evidence",
+    "dispute",
+    "serving_declared",
+    "serving_withdrawn",
+    "calibration_published",
 )
 
 

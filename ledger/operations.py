@@ -18,22 +18,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corolla.errors import BadSignature, InvalidInput, LedgerRefused
+from corolla.ledger.api.checks import Serving
 from corolla.ledger.api.envelope import Envelope, verify_envelope
 from corolla.ledger.api.models import Draft, b64decode
 from corolla.ledger.config import ServiceLimits
+from corolla.ledger.crediting import apply_report, check_room
+from corolla.ledger.declarations import (
+    apply_calibrations,
+    apply_serving,
+    parse_calibrations,
+    parse_serving,
+)
+from corolla.ledger.disputes import DisputeFindings, apply_dispute
+from corolla.ledger.disputes import examine as examine_dispute
 from corolla.ledger.fraud import Findings, apply_evidence, apply_slash
 from corolla.ledger.reports import parse_report, verify_report
-from corolla.ledger.rules import (
-    VerifiedAttestation,
-    VerifiedStep,
-    area,
-    creditable_work,
-    parse_pairs,
-    reputation_after_credit,
-    uncovered,
-    verify_pairs,
-)
-from corolla.ledger.state import LedgerState, ensure_account, standing_of
+from corolla.ledger.rules import VerifiedAttestation, VerifiedStep, parse_pairs, verify_pairs
+from corolla.ledger.state import LedgerState, ensure_account
 from corolla.verify.identity import SIGNATURE_SIZE, peer_name_of
 from corolla.verify.referee import RefereeLike
 from corolla.verify.tickets import Ticket
@@ -41,8 +42,6 @@ from corolla.verify.tickets import Ticket
 __all__ = ["Outcome", "Prepared", "apply", "prepare"]
 
 MAX_NAME = 64
-MAX_BALANCE = 2**62
-"""No account may hold more points (sums stay inside SQLite's 64-bit integers)."""
 MAX_REASON = 500
 MAX_SEEDS = 256
 _MS = 1000
@@ -57,6 +56,10 @@ class Prepared:
     steps: tuple[VerifiedStep, ...] = ()
     attestations: tuple[VerifiedAttestation, ...] = ()
     findings: Findings | None = None
+    serving: Serving | None = None
+    calibrations: tuple[Any, ...] = ()
+    """Calibrations to publish (``corolla.verify.tolerance.Calibration``)."""
+    dispute: DisputeFindings | None = None
 
 
 @dataclass(slots=True)
@@ -75,8 +78,8 @@ def prepare(
     referee: RefereeLike | None = None,
 ) -> Prepared:
     """Check the author's signature, the body's shape and, for reports and redemptions, every
-    record's signature and binding; examine fraud evidence (with ``referee``'s recomputation
-    when there is one). Independent of the ledger's state."""
+    record's signature and binding; examine fraud evidence and disputes (with ``referee``'s
+    recomputation when there is one). Independent of the ledger's state."""
     try:
         verify_envelope(envelope)
     except BadSignature:
@@ -93,7 +96,15 @@ def prepare(
     if action == "redeem":
         steps = verify_pairs(parse_pairs(body, limits.max_pairs), reporter=None)
         return Prepared(envelope, body, tuple(steps))
+    if action in ("serving", "serving-withdraw"):
+        return Prepared(envelope, body, serving=parse_serving(body))
+    if action == "calibrate":
+        return Prepared(envelope, body, calibrations=tuple(parse_calibrations(body)))
     _check_body(action, body)
+    if action == "dispute":
+        # Reading a dispute's tensors loads torch (inside examine_dispute), as evidence does.
+        findings = examine_dispute(b64decode(body["dispute"]), envelope.author, referee)
+        return Prepared(envelope, body, dispute=findings)
     if action == "evidence":
         # Imported here: examining evidence needs torch, which nothing else in the ledger does.
         from corolla.ledger.fraud import examine
@@ -119,7 +130,25 @@ def apply(prepared: Prepared, state: LedgerState, time: int) -> Outcome:
         )
         return outcome
     if action == "report":
-        _report(prepared, state, outcome)
+        apply_report(
+            prepared.steps,
+            prepared.attestations,
+            state,
+            time,
+            outcome.seqs,
+            outcome.pairs,
+            outcome.extra,
+        )
+    elif action in ("serving", "serving-withdraw") and prepared.serving is not None:
+        withdraw = action == "serving-withdraw"
+        apply_serving(author, prepared.serving, withdraw, state, time, outcome.seqs)
+        outcome.extra["serving"] = prepared.serving.to_body()
+    elif action == "calibrate":
+        apply_calibrations(author, list(prepared.calibrations), state, time, outcome.seqs)
+    elif action == "dispute":
+        if prepared.dispute is None:
+            raise InvalidInput("a dispute that was not examined")
+        apply_dispute(prepared.dispute, state, outcome.seqs, outcome.extra)
     elif action == "redeem":
         _redeem(prepared.steps, state, time, outcome)
     elif action == "buy-ticket":
@@ -165,92 +194,6 @@ def _ensure_account(state: LedgerState, key: bytes, outcome: Outcome) -> None:
     outcome.seqs.extend(ensure_account(state, key))
 
 
-def _report(prepared: Prepared, state: LedgerState, outcome: Outcome) -> None:
-    rules = state.rules
-    credit = creditable_work(
-        prepared.steps, prepared.attestations, standing_of(state), rules.min_verifier_reputation
-    )
-    for step in prepared.steps:
-        attestation = credit.credited.get(step.index)
-        if attestation is None:
-            reason = credit.refused[step.index]
-            outcome.pairs.append({"pair": step.index, "credited_units": 0, "reason": reason})
-            continue
-        _credit_step(step, attestation, state, outcome)
-    checks = []
-    for attestation in prepared.attestations:
-        ignored = credit.ignored.get(attestation.index)
-        checks.append({"attestation": attestation.index, "counted": ignored is None, "fee": 0})
-        if ignored is not None:
-            checks[-1]["reason"] = ignored
-    for attestation in credit.counted:
-        fee = attestation.units * rules.credit_per_block_token * rules.verifier_fee_permille // 1000
-        if not fee or state.fee_paid(attestation.receipt_digest):
-            continue
-        verifier = attestation.verifier_key
-        _ensure_account(state, verifier, outcome)
-        _check_room(state, verifier, fee)
-        payload = {
-            "attestation": attestation.index,
-            "node": attestation.node_key,
-            "client": attestation.client_key,
-            "session": attestation.session_id,
-            "units": attestation.units,
-        }
-        draft = Draft("verifier_fee", verifier, fee, attestation.receipt_digest, payload)
-        outcome.seqs.append(state.append(draft))
-        checks[attestation.index]["fee"] = fee
-    outcome.extra["attestations"] = checks
-
-
-def _credit_step(
-    step: VerifiedStep, attestation: int, state: LedgerState, outcome: Outcome
-) -> None:
-    rules = state.rules
-    pieces = uncovered(step.rect, state.covered(step.client_key, step.session_id, step.rect))
-    units = sum(area(piece) for piece in pieces)
-    outcome.pairs.append({"pair": step.index, "credited_units": units})
-    if not units:
-        outcome.pairs[-1]["reason"] = "already credited"
-        return
-    _ensure_account(state, step.node_key, outcome)
-    _check_room(state, step.node_key, units * rules.credit_per_block_token)
-    first_in_session = not state.has_earned(step.node_key, step.client_key, step.session_id)
-    payload = {
-        "pair": step.index,
-        "attestation": attestation,
-        "client": step.client_key,
-        "session": step.session_id,
-        "pieces": [list(piece) for piece in pieces],
-    }
-    draft = Draft(
-        "work_credited",
-        step.node_key,
-        units * rules.credit_per_block_token,
-        step.receipt_digest,
-        payload,
-    )
-    outcome.seqs.append(state.append(draft))
-    account = state.account(step.node_key)
-    if first_in_session and account is not None:
-        gain = reputation_after_credit(account.reputation, rules.reputation_cap)
-        if gain > account.reputation:
-            change = Draft(
-                "reputation_changed",
-                step.node_key,
-                gain - account.reputation,
-                b"",
-                {"reason": "passed a spot-check in a new client session"},
-            )
-            outcome.seqs.append(state.append(change))
-
-
-def _check_room(state: LedgerState, key: bytes, amount: int) -> None:
-    account = state.account(key)
-    if account is not None and account.balance + amount > MAX_BALANCE:
-        raise LedgerRefused(f"account {peer_name_of(key)} cannot hold more points", 409)
-
-
 def _redeem(steps: Sequence[VerifiedStep], state: LedgerState, time: int, outcome: Outcome) -> None:
     grace = state.rules.redeem_grace_s * _MS
     reasons = []
@@ -278,7 +221,7 @@ def _redeem(steps: Sequence[VerifiedStep], state: LedgerState, time: int, outcom
             outcome.pairs.append({"pair": step.index, "redeemed_units": 0, "refused": reason})
             continue
         _ensure_account(state, step.node_key, outcome)
-        _check_room(state, step.node_key, step.units * ticket_state.ticket.price)
+        check_room(state, step.node_key, step.units * ticket_state.ticket.price)
         draft = Draft(
             "ticket_redeemed",
             step.node_key,
@@ -345,6 +288,10 @@ def _check_body(action: str, body: Any) -> None:
         _fields(body, {"evidence"})
         if not isinstance(body["evidence"], str):
             raise InvalidInput("evidence is the base64 of FraudEvidence.to_bytes()")
+    elif action == "dispute":
+        _fields(body, {"dispute"})
+        if not isinstance(body["dispute"], str):
+            raise InvalidInput("a dispute is the base64 of Dispute.to_bytes()")
     elif action == "slash":
         _fields(body, {"account", "reason", "evidence"})
         _key(body["account"], "account")

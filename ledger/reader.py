@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from corolla.errors import InvalidInput, LedgerError
+from corolla.ledger.api.checks import Serving
 from corolla.ledger.api.envelope import Envelope, body_digest
 from corolla.ledger.api.models import Account, Entry, Operation, b64encode, parse_json
-from corolla.ledger.schema import connect
+from corolla.ledger.schema import SERVERS_QUERY, connect
 from corolla.verify.checkpoints import Checkpoint
 from corolla.verify.encoding import canonical, decode
 from corolla.verify.merkle import consistency_proof, inclusion_proof, root_from_perfect
@@ -104,6 +105,11 @@ class LedgerReader:
         """Number of entries (the tree size)."""
         row = self.conn.execute("SELECT MAX(seq) FROM entries").fetchone()
         return 0 if row[0] is None else row[0] + 1
+
+    def last_time(self) -> int:
+        """The time (ms) of the last operation in the log (0 for an empty log)."""
+        row = self.conn.execute("SELECT time FROM operations ORDER BY op DESC LIMIT 1").fetchone()
+        return 0 if row is None else int(row[0])
 
     def entries(self, start: int, limit: int) -> list[Entry]:
         """Entries ``start, start + 1, ...`` (at most ``limit``)."""
@@ -264,6 +270,25 @@ class LedgerReader:
             "SELECT ticket, spent FROM tickets WHERE digest = ?", (digest,)
         ).fetchone()
         return None if row is None else (Ticket.from_value(decode(row[0])), row[1])
+
+    def servers(self, serving: Serving, before: int) -> list[bytes]:
+        """Keys of the nodes whose declarations cover ``serving``'s blocks of its model under its
+        profile, logged before ``before`` (ms) and not withdrawn before then."""
+        rows = self.conn.execute(
+            SERVERS_QUERY,
+            (serving.model_digest, serving.profile, serving.start, serving.end, before, before),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def calibrations(self, model: bytes) -> list[tuple[int, int, Any]]:
+        """The latest published calibration of each profile of ``model``: ``(seq, time, wire
+        form)``, by profile name."""
+        rows = self.conn.execute(
+            "SELECT seq, time, calibration FROM calibrations WHERE seq IN (SELECT MAX(seq) FROM "
+            "calibrations WHERE model = ? GROUP BY profile) ORDER BY profile",
+            (model,),
+        ).fetchall()
+        return [(seq, time, decode(data)) for seq, time, data in rows]
 
     def latest_checkpoint(self) -> Checkpoint | None:
         """The last checkpoint the ledger signed."""

@@ -6,6 +6,9 @@ mounts them.
 - :data:`proofs`  the latest signed checkpoint, inclusion and consistency proofs
 - :data:`writes`  every signed write: register, report, buy a ticket, redeem, evidence, slash
 
+The routes of checks v2 (beacon, serving declarations, calibrations, disputes) are in
+:mod:`corolla.ledger.check_routes`.
+
 Handlers find the store and the per-thread readers through :class:`Ledger`, kept on the app's
 state. A write's body is read raw and checked by the store (its signature covers the canonical
 bytes of the parsed JSON); the body models in :mod:`corolla.ledger.bodies` document it and
@@ -36,7 +39,18 @@ from corolla.ledger.reader import LedgerReader
 from corolla.ledger.store import LedgerStore
 from corolla.verify.fast import encode
 
-__all__ = ["MAX_PAGE", "Ledger", "proofs", "reads", "ref", "writes"]
+__all__ = [
+    "MAX_PAGE",
+    "Ledger",
+    "Served",
+    "Signed",
+    "documented",
+    "proofs",
+    "reads",
+    "ref",
+    "submit",
+    "writes",
+]
 
 MAX_PAGE = 1000
 """Most entries, accounts or history rows in one page."""
@@ -227,7 +241,7 @@ Signed = Annotated[dict[str, str | None], Depends(_envelope_headers)]
 writes = APIRouter(prefix="/v1", tags=["writes"])
 
 
-def _documented(model: str) -> dict[str, Any]:
+def documented(model: str) -> dict[str, Any]:
     """The request body of a route that reads its body raw: documented by ``model``.
 
     The report, redemption and evidence bodies are parsed by the rules' strict readers (the
@@ -236,7 +250,7 @@ def _documented(model: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def _submit(ledger: Ledger, action: str, request: Request, headers: dict[str, Any]) -> Any:
+async def submit(ledger: Ledger, action: str, request: Request, headers: dict[str, Any]) -> Any:
     # Parsing, encoding and signature checks run in the thread pool, off the event loop.
     raw = await request.body()
     return await run_in_threadpool(_apply, ledger.store, action, raw, headers)
@@ -262,43 +276,43 @@ def _reject_constant(constant: str) -> None:
 
 @writes.post("/accounts", summary="Register the signing key as an account (signed)")
 async def register(request: Request, body: RegisterBody, auth: Signed, ledger: Served) -> Any:
-    return await _submit(ledger, "register", request, auth)
+    return await submit(ledger, "register", request, auth)
 
 
 @writes.post(
     "/reports",
     summary="A client reports its sessions' pairs and spot-check attestations (signed)",
-    openapi_extra=_documented("ReportBody"),
+    openapi_extra=documented("ReportBody"),
 )
 async def report(request: Request, auth: Signed, ledger: Served) -> Any:
-    return await _submit(ledger, "report", request, auth)
+    return await submit(ledger, "report", request, auth)
 
 
 @writes.post("/tickets", summary="Buy a priority ticket with points (signed)")
 async def buy_ticket(request: Request, body: BuyTicketBody, auth: Signed, ledger: Served) -> Any:
-    return await _submit(ledger, "buy-ticket", request, auth)
+    return await submit(ledger, "buy-ticket", request, auth)
 
 
 @writes.post(
     "/tickets/redeem",
     summary="Redeem ticketed receipts (signed)",
-    openapi_extra=_documented("PairsBody"),
+    openapi_extra=documented("PairsBody"),
 )
 async def redeem(request: Request, auth: Signed, ledger: Served) -> Any:
-    return await _submit(ledger, "redeem", request, auth)
+    return await submit(ledger, "redeem", request, auth)
 
 
 @writes.post(
     "/evidence",
     summary="Submit fraud evidence: judged, and the accused slashed when proven (signed)",
-    openapi_extra=_documented("EvidenceBody"),
+    openapi_extra=documented("EvidenceBody"),
     responses={202: {"description": "logged but not judged: it convicts nobody"}},
 )
 async def evidence(request: Request, auth: Signed, ledger: Served) -> Any:
-    result = await _submit(ledger, "evidence", request, auth)
+    result = await submit(ledger, "evidence", request, auth)
     return JSONResponse(result, status_code=202 if result["verdict"] == "unjudged" else 200)
 
 
 @writes.post("/slash", summary="Operator only: slash an account on logged evidence (signed)")
 async def slash(request: Request, body: SlashBody, auth: Signed, ledger: Served) -> Any:
-    return await _submit(ledger, "slash", request, auth)
+    return await submit(ledger, "slash", request, auth)

@@ -3,20 +3,18 @@ credited, and how reputation moves. The ledger applies them; the auditor replays
 
 - **Verified work** is decided by :func:`creditable_work` alone. Work reaches it only in a
   client's *report* (``POST /v1/reports``): the session's (request, receipt) pairs and the
-  client's spot-check attestations, whose signatures :func:`verify_pairs` and
-  :func:`corolla.ledger.reports.verify_report` checked. A node's receipt (session S, span
-  ``[s, e)``, step i) is credited only when a *passed* attestation of the same report covers it
-  (same node, session and span, ``i < k`` for a check of steps ``0..k-1``), that attestation
-  *counts*, and no counted attestation of that node-session failed. An attestation counts when
-  its verifier is independent (neither the checked node nor the client) and trusted (never
-  slashed, reputation at least ``min_verifier_reputation``), and its recomputation ran the same
-  model and span over exactly the tokens of the node's steps ``0..k-1``, all of which the
-  report holds. A slashed node is credited nothing. Each counted attestation earns its verifier
-  a fee, once per recomputation.
+  verifiers' signed verdicts on them (checks v2), whose signatures :func:`verify_pairs` and
+  :func:`corolla.ledger.reports.verify_report` checked and whose assignment
+  :mod:`corolla.ledger.checks` re-derived (an attestation that fails any of that refuses the
+  report). A node's receipt (session S, span ``[s, e)``, step i) is credited only when a
+  *passed* verdict of the same report covers it (same node, session and span,
+  ``first_step <= i < end_step``) and no verdict of that node-session in the report *failed*.
+  A slashed node is credited nothing.
 - **No double credit**: a step covers the rectangle ``blocks [start, end) x tokens [position,
   position + tokens)`` of a client session. Credit is per (client, session, block, token);
   :func:`uncovered` returns the part of a rectangle that no earlier credit covered, so a
-  resubmission earns nothing and a failover replay earns only what it adds.
+  resubmission earns nothing and a failover replay earns only what it adds. A verifier's fee
+  follows the same rule per verifier: each position it checked is paid once.
 - **Reputation** (BOINC's lesson: slow to earn, fast to lose): +1 the first time a node earns
   credit in a client session, which needs a passed check, up to a cap; a slash sets it to zero.
 """
@@ -30,10 +28,12 @@ from itertools import pairwise
 from typing import Any
 
 from corolla.errors import BadReceipt, InvalidInput, VerificationError
+from corolla.verify.beacon import Beacon
 from corolla.verify.digests import GENESIS_CHAIN
 from corolla.verify.fast import chain_digest, signed_digest
 from corolla.verify.identity import peer_name_of, verify_signature
 from corolla.verify.receipts import Receipt, StepRequest
+from corolla.verify.verdicts import CheckVerdict
 
 __all__ = [
     "MAX_POSITION",
@@ -45,6 +45,7 @@ __all__ = [
     "VerifiedStep",
     "area",
     "creditable_work",
+    "overlap",
     "parse_pairs",
     "reputation_after_credit",
     "uncovered",
@@ -94,6 +95,12 @@ class VerifiedStep:
     step: int = 0
     model_digest: bytes = b""
     span_digest: bytes = b""
+    chain_digest: bytes = b""
+
+    @property
+    def group(self) -> tuple[bytes, bytes, int, int]:
+        """Its node-session: (node, session, start, end)."""
+        return (self.node_key, self.session_id, self.rect[0], self.rect[1])
 
     @property
     def units(self) -> int:
@@ -107,9 +114,11 @@ class VerifiedStep:
 
 @dataclass(frozen=True, slots=True)
 class VerifiedAttestation:
-    """A spot-check attestation whose recomputation receipt verified: the client says steps
-    ``0..steps-1`` of ``node_key``'s session ``session_id`` on blocks ``[start, end)`` were
-    compared with ``verifier_key``'s recomputation of ``tokens`` tokens, and ``passed``."""
+    """A verifier's verdict whose signatures, recomputation and beacon verified, and that fits
+    the report's pairs: ``verifier_key`` compared ``node_key``'s steps ``[first_step,
+    end_step)`` (positions ``[first_position, end_position)``) of session ``session_id`` on
+    blocks ``[start, end)`` for client ``client_key``, and ``passed``. ``seed`` is the
+    assignment's seed, re-derived from the beacon and the node's chain in the report."""
 
     index: int
     node_key: bytes
@@ -118,17 +127,27 @@ class VerifiedAttestation:
     session_id: bytes
     start: int
     end: int
-    steps: int
+    first_step: int
+    end_step: int
+    first_position: int
+    end_position: int
     passed: bool
-    tokens: int
     model_digest: bytes
-    span_digest: bytes
-    receipt_digest: bytes
+    profile: str
+    seed: bytes
+    verdict_digest: bytes
+    verdict: CheckVerdict
+    beacon: Beacon
 
     @property
-    def units(self) -> int:
-        """Block-tokens the verifier recomputed."""
-        return self.tokens * (self.end - self.start)
+    def group(self) -> tuple[bytes, bytes, int, int]:
+        """The node-session it checks: (node, session, start, end)."""
+        return (self.node_key, self.session_id, self.start, self.end)
+
+    @property
+    def rect(self) -> Rect:
+        """What the verifier checked: blocks x token positions."""
+        return (self.start, self.end, self.first_position, self.end_position)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +158,6 @@ class Credit:
     """Pair index -> index of the attestation that covers it, for every creditable pair."""
     refused: dict[int, str]
     """Pair index -> why it earns nothing."""
-    counted: tuple[VerifiedAttestation, ...]
-    """Attestations that count (their verifiers earn a fee)."""
-    ignored: dict[int, str]
-    """Attestation index -> why it does not count."""
 
 
 def parse_pairs(body: Any, max_pairs: int) -> list[SignedPair]:
@@ -221,6 +236,7 @@ def verify_pairs(pairs: Sequence[SignedPair], *, reporter: bytes | None) -> list
                 step=receipt.step,
                 model_digest=receipt.model_digest,
                 span_digest=receipt.span_digest,
+                chain_digest=receipt.chain_digest,
             )
         )
     return steps
@@ -230,49 +246,32 @@ def creditable_work(
     steps: Sequence[VerifiedStep],
     attestations: Sequence[VerifiedAttestation],
     standing: Standing,
-    min_verifier_reputation: int,
 ) -> Credit:
     """THE definition of creditable work (see the module docstring): which verified steps of a
-    report earn credit, which attestations count. ``standing`` reads the ledger's state as it
-    was before the report; every signature was checked before (:func:`verify_pairs`)."""
-    groups: dict[tuple[bytes, bytes, int, int], dict[int, list[VerifiedStep]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    for step in steps:
-        key = (step.node_key, step.session_id, step.rect[0], step.rect[1])
-        groups[key][step.step].append(step)
-    counted: list[VerifiedAttestation] = []
-    ignored: dict[int, str] = {}
-    for attestation in attestations:
-        reason = _why_not_counted(attestation, groups, standing, min_verifier_reputation)
-        if reason is None:
-            counted.append(attestation)
-        else:
-            ignored[attestation.index] = reason
-    failed = {_group_of(a) for a in counted if not a.passed}
+    report earn credit. Every attestation given counts (the report was refused otherwise);
+    ``standing`` reads the ledger's state as it was before the report."""
+    failed = {attestation.group for attestation in attestations if not attestation.passed}
     covering: dict[int, int] = {}
-    for attestation in counted:
-        key = _group_of(attestation)
-        if not attestation.passed or key in failed:
-            continue
-        for number in range(attestation.steps):
-            for step in groups[key][number]:
+    passed = [a for a in attestations if a.passed and a.group not in failed]
+    for step in steps:
+        for attestation in passed:
+            if step.group == attestation.group and (
+                attestation.first_step <= step.step < attestation.end_step
+            ):
                 covering.setdefault(step.index, attestation.index)
+                break
     credited: dict[int, int] = {}
     refused: dict[int, str] = {}
     for step in steps:
-        key = (step.node_key, step.session_id, step.rect[0], step.rect[1])
         if standing(step.node_key)[0]:
             refused[step.index] = "the node was slashed"
-        elif key in failed:
-            refused[step.index] = "a spot-check of this node-session failed"
+        elif step.group in failed:
+            refused[step.index] = "a check of this node-session failed"
         elif step.index in covering:
             credited[step.index] = covering[step.index]
         else:
-            refused[step.index] = (
-                "no passed spot-check by a trusted, independent verifier covers it"
-            )
-    return Credit(credited, refused, tuple(counted), ignored)
+            refused[step.index] = "no passed check by its assigned verifier covers it"
+    return Credit(credited, refused)
 
 
 def uncovered(rect: Rect, covered: Sequence[Rect]) -> list[Rect]:
@@ -305,6 +304,11 @@ def uncovered(rect: Rect, covered: Sequence[Rect]) -> list[Rect]:
     return [(lo, hi, start, end) for lo, hi, free in slabs for start, end in free]
 
 
+def overlap(a: Rect, b: Rect) -> bool:
+    """Whether two rectangles share a cell."""
+    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+
 def area(rect: Rect) -> int:
     """Block-tokens in a rectangle."""
     return (rect[1] - rect[0]) * (rect[3] - rect[2])
@@ -313,52 +317,6 @@ def area(rect: Rect) -> int:
 def reputation_after_credit(reputation: int, cap: int) -> int:
     """Reputation after a node's first credit in a new client session: +1, capped."""
     return min(cap, reputation + 1)
-
-
-def _group_of(attestation: VerifiedAttestation) -> tuple[bytes, bytes, int, int]:
-    return (attestation.node_key, attestation.session_id, attestation.start, attestation.end)
-
-
-def _why_not_counted(
-    attestation: VerifiedAttestation,
-    groups: dict[tuple[bytes, bytes, int, int], dict[int, list[VerifiedStep]]],
-    standing: Standing,
-    min_reputation: int,
-) -> str | None:
-    verifier = attestation.verifier_key
-    if verifier == attestation.node_key:
-        return "the verifier is the checked node itself"
-    if verifier == attestation.client_key:
-        return "the verifier is the client itself"
-    slashed, reputation = standing(verifier)
-    if slashed:
-        return f"verifier {peer_name_of(verifier)} was slashed"
-    if reputation < min_reputation:
-        return (
-            f"verifier {peer_name_of(verifier)} has reputation {reputation}, below the "
-            f"{min_reputation} a verifier needs"
-        )
-    group = groups.get(_group_of(attestation), {})
-    total = 0
-    for number in range(attestation.steps):
-        found = group.get(number, [])
-        if not found:
-            return f"the report lacks the node's step {number} of the {attestation.steps} checked"
-        if len(found) > 1:
-            return f"the report holds two receipts of the node's step {number}"
-        step = found[0]
-        if (step.model_digest, step.span_digest) != (
-            attestation.model_digest,
-            attestation.span_digest,
-        ):
-            return "the recomputation ran another model or span than the node"
-        total += step.tokens
-    if total != attestation.tokens:
-        return (
-            f"the recomputation covers {attestation.tokens} tokens, the node's steps "
-            f"0..{attestation.steps - 1} cover {total}"
-        )
-    return None
 
 
 def _rect(receipt: Receipt) -> Rect:

@@ -5,7 +5,9 @@ requests behind them), ``merkle`` (hashes of the log's perfect subtrees, level >
 ``checkpoints`` (every signed tree head), ``nonces`` (replay protection), and the caches of
 derived state, always rebuilt by appending entries: ``accounts`` (balance, reputation),
 ``credited`` (credited rectangles of client sessions), ``earned``, ``tickets``, ``redeemed``,
-``fees`` (recomputations a verifier was paid for), ``evidence`` (fraud evidence in the log).
+``paid`` (rectangles of client sessions a verifier was paid for checking), ``evidence`` (fraud
+evidence and disputes in the log), ``serving`` (serving declarations, in force from ``since``
+until ``until``), ``calibrations`` (published calibrations, in the wire form).
 """
 
 from __future__ import annotations
@@ -17,7 +19,19 @@ import sqlite_utils
 
 from corolla.errors import LedgerError
 
-__all__ = ["connect", "create_schema"]
+__all__ = ["CALIBRATION_QUERY", "SERVERS_QUERY", "connect", "create_schema"]
+
+SERVERS_QUERY = (
+    "SELECT DISTINCT node FROM serving WHERE model = ? AND profile = ? AND b0 <= ? AND b1 >= ? "
+    "AND since < ? AND until >= ? ORDER BY node"
+)
+"""Nodes whose declarations cover ``[start, end)`` of a model under a profile, logged before a
+time and not withdrawn before it: ``(model, profile, start, end, before, before)``."""
+CALIBRATION_QUERY = (
+    "SELECT seq, time, calibration FROM calibrations WHERE model = ? AND profile = ? "
+    "AND time < ? ORDER BY seq DESC LIMIT 1"
+)
+"""The latest calibration of a model and profile published before a time."""
 
 _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
     "meta": ({"key": str, "value": bytes}, "key"),
@@ -78,8 +92,37 @@ _TABLES: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
         "digest",
     ),
     "redeemed": ({"request": bytes, "ticket": bytes, "seq": int}, "request"),
-    "fees": ({"recomputation": bytes, "verifier": bytes, "seq": int}, "recomputation"),
+    "paid": (
+        {
+            "verifier": bytes,
+            "client": bytes,
+            "session": bytes,
+            "b0": int,
+            "b1": int,
+            "t0": int,
+            "t1": int,
+            "seq": int,
+        },
+        ("verifier", "client", "session", "b0", "t0"),
+    ),
     "evidence": ({"digest": bytes, "accused": bytes, "seq": int}, "digest"),
+    "serving": (
+        {
+            "seq": int,
+            "node": bytes,
+            "model": bytes,
+            "b0": int,
+            "b1": int,
+            "profile": str,
+            "since": int,
+            "until": int,
+        },
+        "seq",
+    ),
+    "calibrations": (
+        {"seq": int, "model": bytes, "profile": str, "time": int, "calibration": bytes},
+        "seq",
+    ),
 }
 _INDEXES = [
     ("entries", ["account", "seq"], "entries_by_account"),
@@ -88,6 +131,9 @@ _INDEXES = [
     ("accounts", ["balance"], "accounts_by_balance"),
     ("accounts", ["reputation"], "accounts_by_reputation"),
     ("nonces", ["expires"], "nonces_by_expiry"),
+    ("serving", ["model", "profile", "b0"], "serving_by_model"),
+    ("serving", ["node", "model", "until"], "serving_by_node"),
+    ("calibrations", ["model", "profile", "time"], "calibrations_by_model"),
 ]
 
 

@@ -71,6 +71,7 @@ class ServeOptions:
     ticket_price: int
     verifier_fee_permille: int
     min_verifier_reputation: int
+    beacon_period_s: int
     workers: int
     referee_model: Path | None
     referee_max_tokens: int
@@ -92,6 +93,7 @@ class ServeOptions:
                 ticket_price_per_block_token=self.ticket_price,
                 verifier_fee_permille=self.verifier_fee_permille,
                 min_verifier_reputation=self.min_verifier_reputation,
+                beacon_period_s=self.beacon_period_s,
             ),
             limits=ServiceLimits(
                 max_body_bytes=self.max_body_bytes,
@@ -212,6 +214,7 @@ def main(argv: Sequence[str] | None = None, referee_factory: RefereeFactory | No
     parser.add_argument(
         "--min-verifier-reputation", type=int, default=_RULES.min_verifier_reputation
     )
+    parser.add_argument("--beacon-period-s", type=int, default=_RULES.beacon_period_s)
     parser.add_argument("--max-body-bytes", type=int, default=_LIMITS.max_body_bytes)
     parser.add_argument("--max-evidence-bytes", type=int, default=_LIMITS.max_evidence_body_bytes)
     parser.add_argument("--workers", type=int, default=1)
@@ -230,6 +233,7 @@ def main(argv: Sequence[str] | None = None, referee_factory: RefereeFactory | No
             ticket_price=args.ticket_price,
             verifier_fee_permille=args.verifier_fee_permille,
             min_verifier_reputation=args.min_verifier_reputation,
+            beacon_period_s=args.beacon_period_s,
             workers=max(1, args.workers),
             referee_model=args.referee_model,
             referee_max_tokens=args.referee_max_tokens,

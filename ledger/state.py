@@ -1,42 +1,56 @@
 """What the rules read and write: the derived state of the log, behind one protocol.
 
 The ledger keeps it in SQLite tables (:class:`corolla.ledger.store.SqlState`), the auditor in
-memory (:class:`MemoryState`), and both are built only by appending entries
+memory (:class:`corolla.ledger.memory.MemoryState`), and both are built only by appending entries
 (:meth:`LedgerState.append`), so the state is always what replaying the log gives. Both read
 an entry's change from one definition (:func:`effect_of`) and check it against one list of
 invariants (:data:`INVARIANTS`, through :func:`admit`) before they write anything: an account
 registered once, no entry for an unregistered account, no negative balance or reputation, no
-work credited twice, a ticket sold once and never overspent, a request redeemed once, a fee
-paid once per recomputation, fraud evidence logged once.
+work credited twice, a ticket sold once and never overspent, a request redeemed once, a
+verifier paid once per position it checked, fraud evidence and disputes logged once, a serving
+declaration made once while in force and withdrawn only while in force, calibrations published
+by the ledger only.
+
+Checks v2 add derived state the assignment reads: the **serving declarations** (who declared
+which span of which model under which profile, from when, until when), the **published
+calibrations** (the threshold the ledger holds a verdict to) and the **paid positions** of
+each verifier (fees grow with the work, never twice for one position).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from corolla.errors import InvalidInput, LedgerRefused
+from corolla.ledger.api.checks import Serving, calibration_from_wire
 from corolla.ledger.api.models import Account, Draft
 from corolla.ledger.config import LedgerRules
-from corolla.ledger.rules import Rect, Standing
+from corolla.ledger.rules import Rect, Standing, overlap
 from corolla.verify.tickets import Ticket
+
+if TYPE_CHECKING:
+    from corolla.verify.tolerance import Calibration
 
 __all__ = [
     "INVARIANTS",
+    "NEVER",
     "Account",
     "Effect",
     "Invariant",
     "LedgerState",
-    "MemoryState",
     "TicketState",
     "admit",
     "effect_of",
     "ensure_account",
     "standing_of",
 ]
+
+
+NEVER = 2**62
+"""The ``until`` of a serving declaration in force (ms)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +65,7 @@ class LedgerState(Protocol):
     """Read access for the rules, and :meth:`append` to record a decision."""
 
     ledger_key: bytes
+    origin: str
     rules: LedgerRules
 
     def account(self, key: bytes) -> Account | None:
@@ -73,12 +88,26 @@ class LedgerState(Protocol):
         """Whether the receipt of this client request was already redeemed."""
         ...
 
-    def fee_paid(self, recomputation: bytes) -> bool:
-        """Whether a verifier was already paid for the recomputation with this receipt digest."""
+    def paid(self, verifier: bytes, client: bytes, session: bytes, rect: Rect) -> list[Rect]:
+        """Pieces of the client session that ``verifier`` was paid for checking, overlapping
+        ``rect``."""
         ...
 
     def evidence(self, digest: bytes) -> int | None:
-        """The sequence number of the fraud-evidence entry with this digest, if logged."""
+        """The sequence number of the fraud-evidence or dispute entry with this digest."""
+        ...
+
+    def serves(self, node: bytes, serving: Serving) -> bool:
+        """Whether ``node``'s declaration of exactly ``serving`` is in force."""
+        ...
+
+    def servers(self, serving: Serving, before: int) -> list[bytes]:
+        """Keys of the nodes whose declarations cover ``serving``'s blocks of its model under
+        its profile, logged before ``before`` (ms) and not withdrawn before then."""
+        ...
+
+    def calibration(self, model: bytes, profile: str, before: int) -> Calibration | None:
+        """The latest calibration of the model and profile published before ``before`` (ms)."""
         ...
 
     def sign_ticket(self, unsigned: Ticket) -> Ticket:
@@ -102,8 +131,14 @@ class Effect:
     ticket: Ticket | None = None
     redeem: tuple[bytes, int] | None = None
     slashed: bool = False
-    fee: bytes | None = None
+    paid: tuple[bytes, bytes, tuple[Rect, ...]] | None = None
+    """A verifier's fee: (client, session, the pieces it pays for)."""
     evidence: bytes | None = None
+    declared: tuple[Serving, int] | None = None
+    """A serving declaration and its time (ms)."""
+    withdrawn: tuple[Serving, int] | None = None
+    calibration: tuple[Calibration, int] | None = None
+    """A published calibration and its time (ms)."""
 
 
 def ensure_account(state: LedgerState, key: bytes) -> list[int]:
@@ -144,11 +179,20 @@ def effect_of(draft: Draft) -> Effect:
         if draft.kind == "ticket_redeemed":
             return Effect(balance=draft.amount, redeem=(payload["ticket"], payload["units"]))
         if draft.kind == "verifier_fee":
-            return Effect(balance=draft.amount, fee=draft.ref)
+            pieces = tuple(tuple(piece) for piece in payload["pieces"])
+            paid = (payload["client"], payload["session"], pieces)
+            return Effect(balance=draft.amount, paid=paid)  # type: ignore[arg-type]
         if draft.kind == "slash":
             return Effect(balance=draft.amount, slashed=True)
-        if draft.kind == "fraud_evidence":
+        if draft.kind in ("fraud_evidence", "dispute"):
             return Effect(evidence=draft.ref)
+        if draft.kind == "serving_declared":
+            return Effect(declared=(_serving(payload), payload["time"]))
+        if draft.kind == "serving_withdrawn":
+            return Effect(withdrawn=(_serving(payload), payload["time"]))
+        if draft.kind == "calibration_published":
+            calibration = calibration_from_wire(payload["calibration"])
+            return Effect(calibration=(calibration, payload["time"]))
         if draft.kind == "genesis":
             return Effect()
     except (KeyError, TypeError) as error:
@@ -156,7 +200,11 @@ def effect_of(draft: Draft) -> Effect:
     raise InvalidInput(f"unknown entry kind {draft.kind!r}")
 
 
-_WITHOUT_ACCOUNT = frozenset({"genesis", "fraud_evidence"})
+def _serving(payload: Any) -> Serving:
+    return Serving(payload["model"], payload["start"], payload["end"], payload["profile"])
+
+
+_WITHOUT_ACCOUNT = frozenset({"genesis", "fraud_evidence", "dispute", "calibration_published"})
 """Entry kinds that may name a key with no account (the ledger's own, an unregistered accused)."""
 
 
@@ -188,13 +236,9 @@ def _credited_twice(state: LedgerState, _: Draft, effect: Effect, __: Account | 
         return False
     client, session = effect.session
     pieces = effect.pieces
-    return any(_overlap(a, b) for a, b in combinations(pieces, 2)) or any(
+    return any(overlap(a, b) for a, b in combinations(pieces, 2)) or any(
         state.covered(client, session, piece) for piece in pieces
     )
-
-
-def _overlap(a: Rect, b: Rect) -> bool:
-    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
 
 
 def _ticket_sold_twice(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
@@ -217,8 +261,29 @@ def _redeemed_twice(state: LedgerState, draft: Draft, effect: Effect, _: Account
     return effect.redeem is not None and state.is_redeemed(draft.ref)
 
 
-def _fee_twice(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
-    return effect.fee is not None and state.fee_paid(effect.fee)
+def _paid_twice(state: LedgerState, draft: Draft, effect: Effect, _: Account | None) -> bool:
+    if effect.paid is None:
+        return False
+    client, session, pieces = effect.paid
+    return any(overlap(a, b) for a, b in combinations(pieces, 2)) or any(
+        state.paid(draft.account, client, session, piece) for piece in pieces
+    )
+
+
+def _declared_twice(state: LedgerState, draft: Draft, effect: Effect, _: Account | None) -> bool:
+    return effect.declared is not None and state.serves(draft.account, effect.declared[0])
+
+
+def _withdrawn_unserved(
+    state: LedgerState, draft: Draft, effect: Effect, _: Account | None
+) -> bool:
+    return effect.withdrawn is not None and not state.serves(draft.account, effect.withdrawn[0])
+
+
+def _published_by_other(
+    state: LedgerState, draft: Draft, effect: Effect, _: Account | None
+) -> bool:
+    return effect.calibration is not None and draft.account != state.ledger_key
 
 
 def _evidence_twice(state: LedgerState, _: Draft, effect: Effect, __: Account | None) -> bool:
@@ -234,8 +299,11 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant("it redeems a ticket the ledger never sold", _ticket_unsold),
     Invariant("it spends a ticket beyond its budget", _overspent),
     Invariant("it redeems a request that was already redeemed", _redeemed_twice),
-    Invariant("it pays a verifier twice for one recomputation", _fee_twice),
-    Invariant("it logs the same fraud evidence twice", _evidence_twice),
+    Invariant("it pays a verifier twice for checking the same positions", _paid_twice),
+    Invariant("it logs the same fraud evidence or dispute twice", _evidence_twice),
+    Invariant("it declares serving what the node already declares", _declared_twice),
+    Invariant("it withdraws a serving declaration that is not in force", _withdrawn_unserved),
+    Invariant("it publishes a calibration that is not the ledger's", _published_by_other),
 )
 """The one list of what an entry may not do, read by both states before they apply it."""
 
@@ -250,86 +318,3 @@ def admit(state: LedgerState, draft: Draft) -> Effect:
         if invariant.broken(state, draft, effect, account):
             raise LedgerRefused(f"refusing a {draft.kind} entry: {invariant.refusal}", 409)
     return effect
-
-
-class MemoryState:
-    """The derived state in dictionaries: what an auditor rebuilds from the log."""
-
-    def __init__(self, ledger_key: bytes, rules: LedgerRules) -> None:
-        self.ledger_key = ledger_key
-        self.rules = rules
-        self.accounts: dict[bytes, Account] = {}
-        self.coverage: dict[tuple[bytes, bytes], list[Rect]] = defaultdict(list)
-        self.earned: set[tuple[bytes, bytes, bytes]] = set()
-        self.tickets: dict[bytes, TicketState] = {}
-        self.redeemed: set[bytes] = set()
-        self.fees: set[bytes] = set()
-        self.evidence_seqs: dict[bytes, int] = {}
-        self.drafts: list[Draft] = []
-        self.ticket_signatures: dict[bytes, bytes] = {}
-
-    def account(self, key: bytes) -> Account | None:
-        return self.accounts.get(key)
-
-    def covered(self, client: bytes, session: bytes, rect: Rect) -> list[Rect]:
-        b0, b1, t0, t1 = rect
-        return [
-            piece
-            for piece in self.coverage.get((client, session), ())
-            if piece[2] < t1 and piece[3] > t0 and piece[0] < b1 and piece[1] > b0
-        ]
-
-    def has_earned(self, node: bytes, client: bytes, session: bytes) -> bool:
-        return (node, client, session) in self.earned
-
-    def ticket(self, digest: bytes) -> TicketState | None:
-        return self.tickets.get(digest)
-
-    def is_redeemed(self, request_digest: bytes) -> bool:
-        return request_digest in self.redeemed
-
-    def fee_paid(self, recomputation: bytes) -> bool:
-        return recomputation in self.fees
-
-    def evidence(self, digest: bytes) -> int | None:
-        return self.evidence_seqs.get(digest)
-
-    def sign_ticket(self, unsigned: Ticket) -> Ticket:
-        """The auditor cannot sign: it takes the signature the log recorded for this serial
-        (set in :attr:`ticket_signatures`); the ticket's check happens in the replay."""
-        signature = self.ticket_signatures.get(unsigned.serial)
-        if signature is None:
-            raise InvalidInput("the log holds no ticket for this purchase")
-        return Ticket(**{**unsigned.to_value(), "signature": signature})
-
-    def append(self, draft: Draft) -> int:
-        effect = admit(self, draft)
-        key = draft.account
-        account = self.accounts.get(key)
-        if effect.register_name is not None:
-            self.accounts[key] = Account(key, effect.register_name, 0, 0)
-        elif account is not None and (effect.balance or effect.reputation or effect.slashed):
-            self.accounts[key] = Account(
-                key,
-                account.name,
-                account.balance + effect.balance,
-                account.reputation + effect.reputation,
-                account.slashed or effect.slashed,
-            )
-        if effect.session is not None:
-            client, session = effect.session
-            self.coverage[(client, session)].extend(effect.pieces)
-            self.earned.add((key, client, session))
-        if effect.ticket is not None:
-            self.tickets[effect.ticket.digest()] = TicketState(effect.ticket, 0)
-        if effect.redeem is not None:
-            ticket_digest, units = effect.redeem
-            sold = self.tickets[ticket_digest]
-            self.tickets[ticket_digest] = TicketState(sold.ticket, sold.spent + units)
-            self.redeemed.add(draft.ref)
-        if effect.fee is not None:
-            self.fees.add(effect.fee)
-        if effect.evidence is not None:
-            self.evidence_seqs[effect.evidence] = len(self.drafts)
-        self.drafts.append(draft)
-        return len(self.drafts) - 1

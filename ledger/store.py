@@ -3,9 +3,16 @@
 :meth:`LedgerStore.submit` checks the request outside the write lock (signatures are the slow
 part, and PyNaCl releases the GIL), then, holding the one writer connection, opens ``BEGIN
 IMMEDIATE``, records the nonce (a replay finds it and is refused), applies the operation's
-rules against :class:`SqlState`, appends its entries with their Merkle nodes and cached effects,
-signs a new checkpoint, and commits with ``synchronous=FULL``: an acknowledged operation is on
-disk whole, and a crash leaves none of a half-applied one.
+rules against :class:`~corolla.ledger.sql_state.SqlState`, appends its entries with their Merkle
+nodes and cached effects, signs a new checkpoint, and commits with ``synchronous=FULL``: an
+acknowledged operation is on disk whole, and a crash leaves none of a half-applied one.
+
+An operation's time is read inside the write lock and never goes back (at least the previous
+operation's), so the log's times follow its order: "logged before epoch e began" (what the
+assignment of a check reads) is the same question for the ledger and for every auditor.
+
+The store also signs the per-epoch beacon (:meth:`LedgerStore.beacon`), revealed only once its
+epoch has begun.
 """
 
 from __future__ import annotations
@@ -17,174 +24,23 @@ from typing import Any
 
 from corolla.errors import LedgerError, LedgerRefused
 from corolla.ledger.api.envelope import Envelope, body_digest, now_ms, sign_envelope
-from corolla.ledger.api.models import Account, Draft
 from corolla.ledger.config import LedgerRules, ServiceLimits
-from corolla.ledger.entries import RawEntry, raw_leaf_hash, stored_json
+from corolla.ledger.entries import stored_json
 from corolla.ledger.operations import Outcome, Prepared, apply, prepare
 from corolla.ledger.reader import LedgerReader, SqlTree
-from corolla.ledger.rules import Rect
 from corolla.ledger.schema import connect, create_schema
-from corolla.ledger.state import Effect, TicketState, admit
+from corolla.ledger.sql_state import SqlState
+from corolla.verify.beacon import Beacon, epoch_of, epoch_start, sign_beacon
 from corolla.verify.checkpoints import Checkpoint, sign_checkpoint
-from corolla.verify.encoding import canonical, decode
-from corolla.verify.fast import encode
+from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity, peer_name_of
-from corolla.verify.merkle import completed_subtrees, node_hash, root_from_perfect
+from corolla.verify.merkle import root_from_perfect
 from corolla.verify.referee import RefereeLike
-from corolla.verify.tickets import Ticket
 
-__all__ = ["DEFAULT_ORIGIN", "LedgerStore", "SqlState"]
+__all__ = ["DEFAULT_ORIGIN", "LedgerStore"]
 
 DEFAULT_ORIGIN = "corolla-ledger"
 _NONCE_PRUNE_EVERY = 256
-
-
-class SqlState:
-    """The derived state in SQLite, read and written inside the open write transaction; an
-    entry is checked by :func:`~corolla.ledger.state.admit` (the invariants the auditor's
-    :class:`~corolla.ledger.state.MemoryState` checks too) before it is written."""
-
-    def __init__(
-        self,
-        store: LedgerStore,
-        operation: tuple[int, Envelope, int],
-        next_seq: int,
-    ) -> None:
-        self.ledger_key = store.identity.public_key
-        self.rules = store.rules
-        self._store = store
-        self._conn = store._conn
-        self._op, envelope, self._time = operation
-        self._op_digest = envelope.digest()
-        self._author = envelope.author
-        self._signature = envelope.signature
-        self.next_seq = next_seq
-        self._tree = SqlTree(self._conn)
-
-    def account(self, key: bytes) -> Account | None:
-        row = self._conn.execute(
-            "SELECT account, name, balance, reputation, slashed FROM accounts WHERE account = ?",
-            (key,),
-        ).fetchone()
-        return None if row is None else Account(*row[:4], bool(row[4]))
-
-    def covered(self, client: bytes, session: bytes, rect: Rect) -> list[Rect]:
-        b0, b1, t0, t1 = rect
-        return self._conn.execute(
-            "SELECT b0, b1, t0, t1 FROM credited WHERE client = ? AND session = ? AND t1 > ? "
-            "AND t0 < ? AND b0 < ? AND b1 > ?",
-            (client, session, t0, t1, b1, b0),
-        ).fetchall()
-
-    def has_earned(self, node: bytes, client: bytes, session: bytes) -> bool:
-        return (
-            self._conn.execute(
-                "SELECT 1 FROM earned WHERE node = ? AND client = ? AND session = ?",
-                (node, client, session),
-            ).fetchone()
-            is not None
-        )
-
-    def ticket(self, digest: bytes) -> TicketState | None:
-        row = self._conn.execute(
-            "SELECT ticket, spent FROM tickets WHERE digest = ?", (digest,)
-        ).fetchone()
-        return None if row is None else TicketState(Ticket.from_value(decode(row[0])), row[1])
-
-    def is_redeemed(self, request_digest: bytes) -> bool:
-        return (
-            self._conn.execute(
-                "SELECT 1 FROM redeemed WHERE request = ?", (request_digest,)
-            ).fetchone()
-            is not None
-        )
-
-    def fee_paid(self, recomputation: bytes) -> bool:
-        return (
-            self._conn.execute(
-                "SELECT 1 FROM fees WHERE recomputation = ?", (recomputation,)
-            ).fetchone()
-            is not None
-        )
-
-    def evidence(self, digest: bytes) -> int | None:
-        row = self._conn.execute("SELECT seq FROM evidence WHERE digest = ?", (digest,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def sign_ticket(self, unsigned: Ticket) -> Ticket:
-        signed = self._store.identity.sign(unsigned.signing_bytes())
-        return Ticket(**{**unsigned.to_value(), "signature": signed})
-
-    def append(self, draft: Draft) -> int:
-        effect = admit(self, draft)  # refused before anything is written
-        seq = self.next_seq
-        entry: RawEntry = (
-            seq,
-            draft.kind,
-            draft.account,
-            draft.amount,
-            draft.ref,
-            encode(draft.payload),
-            self._op,
-            self._op_digest,
-            self._author,
-            self._signature,
-            self._time,
-        )
-        leaf = raw_leaf_hash(entry)
-        conn = self._conn
-        conn.execute(
-            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*entry, leaf)
-        )
-        right = leaf
-        for level, index in completed_subtrees(seq):
-            right = node_hash(self._tree.perfect(level - 1, 2 * index), right)
-            conn.execute("INSERT INTO merkle VALUES (?, ?, ?)", (level, index, right))
-        self._apply(draft, effect, seq)
-        self.next_seq = seq + 1
-        return seq
-
-    def _apply(self, draft: Draft, effect: Effect, seq: int) -> None:
-        conn = self._conn
-        if effect.register_name is not None:
-            conn.execute(
-                "INSERT INTO accounts VALUES (?, ?, 0, 0, 0, ?)",
-                (draft.account, effect.register_name, seq),
-            )
-        elif effect.balance or effect.reputation or effect.slashed:
-            conn.execute(
-                "UPDATE accounts SET balance = balance + ?, reputation = reputation + ?, "
-                "slashed = MAX(slashed, ?) WHERE account = ?",
-                (effect.balance, effect.reputation, int(effect.slashed), draft.account),
-            )
-        if effect.session is not None:
-            client, session = effect.session
-            conn.executemany(
-                "INSERT INTO credited VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(client, session, *piece, seq) for piece in effect.pieces],
-            )
-            conn.execute(
-                "INSERT INTO earned VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                (draft.account, client, session),
-            )
-        if effect.ticket is not None:
-            ticket = effect.ticket
-            conn.execute(
-                "INSERT INTO tickets VALUES (?, ?, ?, 0, ?)",
-                (ticket.digest(), ticket.client_key, ticket.budget, canonical(ticket.to_value())),
-            )
-        if effect.redeem is not None:
-            ticket_digest, units = effect.redeem
-            conn.execute(
-                "UPDATE tickets SET spent = spent + ? WHERE digest = ?", (units, ticket_digest)
-            )
-            conn.execute("INSERT INTO redeemed VALUES (?, ?, ?)", (draft.ref, ticket_digest, seq))
-        if effect.fee is not None:
-            conn.execute("INSERT INTO fees VALUES (?, ?, ?)", (effect.fee, draft.account, seq))
-        if effect.evidence is not None:
-            conn.execute(
-                "INSERT INTO evidence VALUES (?, ?, ?)", (effect.evidence, draft.account, seq)
-            )
 
 
 class LedgerStore:
@@ -230,6 +86,31 @@ class LedgerStore:
             self.origin = (self._reader.meta("origin") or b"").decode()
             self.rules = LedgerRules.from_dict(genesis[0].payload["rules"])
 
+    @property
+    def connection(self) -> Any:
+        """The writer's connection (used by the state inside the write transaction)."""
+        return self._conn
+
+    def current_epoch(self) -> int:
+        """The beacon epoch the ledger's clock is in."""
+        return epoch_of(self.clock() / 1000, self.rules.beacon_period_s)
+
+    def beacon(self, epoch: int | None = None) -> Beacon:
+        """The ledger's signed beacon of ``epoch`` (default: the current one); refuses (425) an
+        epoch that has not begun: its value must stay unknown until then."""
+        period = self.rules.beacon_period_s
+        current = self.current_epoch()
+        if epoch is None:
+            epoch = current
+        if epoch > current:
+            wait = epoch_start(epoch, period) - self.clock() / 1000
+            raise LedgerRefused(
+                f"beacon epoch {epoch} has not begun (it begins in {wait:.1f} s; the current "
+                f"epoch is {current})",
+                425,
+            )
+        return sign_beacon(self.identity, self.origin, period, epoch)
+
     def close(self) -> None:
         """Close the writer connection."""
         with self._lock:
@@ -259,16 +140,25 @@ class LedgerStore:
         if body_digest(data) != envelope.body_digest:
             raise LedgerRefused("the body is not the one the request's signature covers", 401)
         prepared = prepare(envelope, body, self.limits, self.referee)
-        return self._commit(prepared, stored_json(body), now)
+        return self._commit(prepared, stored_json(body), now, fixed=time is not None)
 
     def _commit(
-        self, prepared: Prepared, body: bytes, now: int, meta: dict[str, bytes] | None = None
+        self,
+        prepared: Prepared,
+        body: bytes,
+        now: int,
+        meta: dict[str, bytes] | None = None,
+        *,
+        fixed: bool = False,
     ) -> dict[str, Any]:
         envelope = prepared.envelope
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if not fixed:
+                    now = max(now, self.clock())
+                now = max(now, self._reader.last_time())
                 for key, value in (meta or {}).items():
                     conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
                 fresh = conn.execute(

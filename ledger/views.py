@@ -30,15 +30,39 @@ def entry_detail(entry: Entry) -> str:
     payload = entry.payload if isinstance(entry.payload, dict) else {}
     short = {key: value.hex()[:16] for key, value in payload.items() if isinstance(value, bytes)}
     if entry.kind == "work_credited":
-        return (
-            f"session {short.get('session', '?')} of client {short.get('client', '?')}, "
+        checked = (
             f"pair {payload.get('pair')}, checked by attestation {payload.get('attestation')}"
+            if "dispute" not in payload
+            else f"claim {payload.get('claim')}, checked by the referee in dispute "
+            f"{short.get('dispute', '?')}"
+        )
+        return (
+            f"session {short.get('session', '?')} of client {short.get('client', '?')}, {checked}"
         )
     if entry.kind == "verifier_fee":
         return (
             f"checked node {short.get('node', '?')} for client {short.get('client', '?')}: "
             f"{payload.get('units')} block-tokens recomputed"
         )
+    if entry.kind == "dispute":
+        if not payload.get("judged"):
+            return f"unjudged: {payload.get('note')}"
+        liars = len(payload.get("lying_verifiers", ()))
+        node = "lied" if payload.get("node_lied") else "did not lie"
+        return f"judged by the referee: the node {node}; {liars} lying verifier(s)"
+    if entry.kind in ("serving_declared", "serving_withdrawn"):
+        verb = "serves" if entry.kind == "serving_declared" else "no longer serves"
+        return (
+            f"{verb} blocks [{payload.get('start')}, {payload.get('end')}) of model "
+            f"{short.get('model', '?')} under {payload.get('profile')}"
+        )
+    if entry.kind == "calibration_published":
+        calibration = payload.get("calibration", {})
+        if isinstance(calibration, dict):
+            return (
+                f"{calibration.get('profile')}: honest max {calibration.get('honest_max')} x "
+                f"{calibration.get('threshold_margin')}"
+            )
     if entry.kind == "fraud_evidence":
         return f"{payload.get('verdict')} (by {payload.get('judge')}): {payload.get('reason')}"
     if entry.kind in ("slash", "reputation_changed"):
@@ -61,6 +85,7 @@ def report_dict(report: AuditReport) -> dict[str, Any]:
         "pairs_verified": report.pairs_verified,
         "attestations_verified": report.attestations_verified,
         "evidence_checked": report.evidence_checked,
+        "disputes_checked": report.disputes_checked,
         "referee_recomputed": report.referee_recomputed,
         "accounts": report.accounts,
         "points": report.points,
@@ -80,6 +105,7 @@ def report_table(report: AuditReport, *, remembered: bool) -> Table:
     table.add_row("receipts re-verified", str(report.pairs_verified))
     table.add_row("attestations re-verified", str(report.attestations_verified))
     table.add_row("fraud evidence re-checked", str(report.evidence_checked))
+    table.add_row("disputes re-checked", str(report.disputes_checked))
     if report.referee_recomputed:
         table.add_row("referee convictions recomputed", str(report.referee_recomputed))
     for kind, count in sorted(report.kinds.items()):

@@ -1,28 +1,21 @@
-"""What a node does with a step: the :class:`Behaviour` seam (honest here), and the benchmark's
-unsigned stand-in signer.
+"""What a node does with a step: the :class:`Behaviour` seam, honest here.
 
 :class:`~corolla.node.service.NodeService` computes every step through a behaviour;
-:mod:`corolla.simulations.adversaries` supplies dishonest ones for tests and simulations (the
-production ``corolla node run`` always runs the honest one).
+:mod:`corolla.simulations.adversaries` supplies dishonest ones for tests and simulations, and
+``benchmarks/unsigned.py`` one that signs receipts with zeros (the production ``corolla node
+run`` always runs the honest one).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import cast
 
 import torch
 
 from corolla.node.model.span import BetweenBlocks, Span, SpanCache
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest, make_receipt
+from corolla.verify.verdicts import CheckVerdict, sign_verdict
 
-__all__ = ["BENCHMARK_UNSIGNED_ENV", "Behaviour", "unsigned_signer"]
-
-BENCHMARK_UNSIGNED_ENV = "COROLLA_BENCHMARK_UNSIGNED"
-"""Set to 1 by benchmarks/swarm_generation.py only: the node checks no client signature and signs
-receipts with zeros (the same variable switches the client's counterpart in
-:mod:`corolla.client.session`). Every normal client rejects such a node."""
+__all__ = ["Behaviour"]
 
 
 class Behaviour:
@@ -30,7 +23,8 @@ class Behaviour:
 
     Per step the service calls, on its compute thread: ``compute`` (the forward pass, which
     advances the session's cache), ``output`` (the tensor the receipt names), ``sign_receipt``,
-    then ``sent`` (the tensor actually sent back).
+    then ``sent`` (the tensor actually sent back). A check step (the node as a verifier, see
+    :mod:`corolla.node.verifier`) is such a step, then ``judge`` signs the verdict.
     """
 
     name = "honest"
@@ -71,17 +65,7 @@ class Behaviour:
         """The tensor actually sent back."""
         return output
 
-
-@dataclass(frozen=True)
-class _NoSignatures:
-    """The benchmark's stand-in signer: the node's public key, an all-zero signature."""
-
-    public_key: bytes
-
-    def sign(self, message: bytes) -> bytes:
-        return bytes(64)
-
-
-def unsigned_signer(identity: Identity) -> Identity:
-    """A stand-in for ``identity`` whose signatures are 64 zero bytes (benchmarks only)."""
-    return cast(Identity, _NoSignatures(identity.public_key))
+    def judge(self, identity: Identity, verdict: CheckVerdict) -> CheckVerdict:
+        """The verdict the node signs as a verifier; ``verdict`` (unsigned) is what its own
+        comparison of the checked node's claims with its recomputation gave."""
+        return sign_verdict(identity, verdict)

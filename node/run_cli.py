@@ -1,31 +1,33 @@
 """``corolla node run``: serve a span of a model to the swarm until Ctrl-C or SIGTERM.
 
-:func:`register_node_run` adds the command to the ``corolla node`` sub-app. The node's options
-are declared once, as the parameters of :func:`node_config` (which validates them into a
-:class:`NodeConfig`); :func:`with_node_options` makes a command of any ``f(config, ...)`` that
-takes them all, so ``corolla simulate node`` offers exactly the same ones.
+The node's options are declared once, as the fields of :class:`NodeOptions` (each field's type
+carries its typer option); :meth:`NodeOptions.config` validates them into a
+:class:`~corolla.node.server.NodeConfig`. :func:`options_command` makes a typer command whose
+options are the fields of an options dataclass, so ``corolla simulate node`` offers the same
+options by extending the dataclass (:mod:`corolla.simulations.node_cli`), and so does
+``benchmarks/unsigned.py``. :func:`register_node_run` adds ``run`` to the ``corolla node`` app.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, TypeVar, get_type_hints
 
 import typer
 
 from corolla.errors import InvalidInput
 from corolla.node.model.checkpoint import parse_span
-from corolla.node.protocol.messages import WireLimits
+from corolla.node.protocol.tensors import WireLimits
 from corolla.node.scheduler import SchedulerConfig
 from corolla.node.server import DEFAULT_IDENTITY, NodeConfig, run_node
 from corolla.node.service import ServiceConfig
 from corolla.node.sessions import SessionConfig
 from corolla.node.ticket_book import TicketConfig, parse_ledger_key
 
-__all__ = ["node_config", "register_node_run", "with_node_options"]
+__all__ = ["NodeOptions", "options_command", "register_node_run", "run", "serve"]
 
 ModelOption = Annotated[
     Path, typer.Option("--model", help="Checkpoint directory (a Hugging Face model).")
@@ -93,97 +95,121 @@ MaxFreeQueueOption = Annotated[
     ),
 ]
 
+PublicOption = Annotated[
+    bool,
+    typer.Option(
+        "--public",
+        help="Reach beyond this machine and its LAN: NAT port mapping (UPnP / NAT-PMP), AutoNAT "
+        "and relays. Off by default: a local node probes nothing around it.",
+    ),
+]
+
 _DEFAULT_LIMITS = WireLimits()
 _DEFAULT_SESSIONS = SessionConfig()
 _DEFAULT_QUEUE = SchedulerConfig()
 
 
-def node_config(
-    *,
-    model: ModelOption,
-    blocks: BlocksOption = None,
-    num_blocks: NumBlocksOption = None,
-    initial_peers: InitialPeersOption = None,
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 0,
-    identity: IdentityOption = DEFAULT_IDENTITY,
-    quant: QuantOption = "none",
-    max_cache_tokens: MaxCacheTokensOption = _DEFAULT_SESSIONS.max_cache_tokens,
-    refresh_period: RefreshPeriodOption = 30.0,
-    idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout,
-    max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes,
-    ledger: LedgerOption = None,
-    ledger_key: LedgerKeyOption = None,
-    max_queue: MaxQueueOption = _DEFAULT_QUEUE.max_queue,
-    max_free_queue: MaxFreeQueueOption = _DEFAULT_QUEUE.max_free_queue,
-) -> NodeConfig:
-    """The :class:`NodeConfig` the command-line options describe (validated)."""
-    peers = tuple(peer for value in initial_peers or () for peer in value.replace(",", " ").split())
-    for peer in peers:
-        if not peer.startswith("/") or "/p2p/" not in peer:
-            raise InvalidInput(f"--initial-peers {peer!r} is not a multiaddr ending in /p2p/PEER")
-    if max_cache_tokens < 0:
-        raise InvalidInput("--max-cache-tokens must be >= 0")
-    if not idle_timeout > 0:
-        raise InvalidInput("--idle-timeout must be positive")
-    if max_request_bytes < 1:
-        raise InvalidInput("--max-request-bytes must be positive")
-    if quant not in ("none", "int8", "nf4"):
-        raise InvalidInput(f"--quant must be none, int8 or nf4, not {quant!r}")
-    if max_queue < 1 or not 0 <= max_free_queue <= max_queue:
-        raise InvalidInput("need --max-queue >= 1 and 0 <= --max-free-queue <= --max-queue")
-    return NodeConfig(
-        model=model,
-        blocks=parse_span(blocks) if blocks is not None else None,
-        num_blocks=num_blocks,
-        initial_peers=peers,
-        host=host,
-        port=port,
-        identity=identity,
-        quant=quant,
-        refresh_period=refresh_period,
-        ledger=ledger,
-        service=ServiceConfig(
-            limits=WireLimits(max_tensor_bytes=max_request_bytes),
-            sessions=SessionConfig(max_cache_tokens=max_cache_tokens, idle_timeout=idle_timeout),
-            scheduler=SchedulerConfig(max_queue=max_queue, max_free_queue=max_free_queue),
-            tickets=TicketConfig(
-                ledger_key=parse_ledger_key(ledger_key) if ledger_key is not None else None
+@dataclass(frozen=True, kw_only=True)
+class NodeOptions:
+    """The options of ``corolla node run`` as the user typed them (one field per option)."""
+
+    model: ModelOption
+    blocks: BlocksOption = None
+    num_blocks: NumBlocksOption = None
+    initial_peers: InitialPeersOption = None
+    host: HostOption = "127.0.0.1"
+    port: PortOption = 0
+    identity: IdentityOption = DEFAULT_IDENTITY
+    quant: QuantOption = "none"
+    max_cache_tokens: MaxCacheTokensOption = _DEFAULT_SESSIONS.max_cache_tokens
+    refresh_period: RefreshPeriodOption = 30.0
+    idle_timeout: IdleTimeoutOption = _DEFAULT_SESSIONS.idle_timeout
+    max_request_bytes: MaxRequestBytesOption = _DEFAULT_LIMITS.max_tensor_bytes
+    ledger: LedgerOption = None
+    ledger_key: LedgerKeyOption = None
+    max_queue: MaxQueueOption = _DEFAULT_QUEUE.max_queue
+    max_free_queue: MaxFreeQueueOption = _DEFAULT_QUEUE.max_free_queue
+    public: PublicOption = False
+
+    def config(self) -> NodeConfig:
+        """The :class:`NodeConfig` these options describe; :class:`InvalidInput` if they are bad."""
+        peers = tuple(
+            peer for value in self.initial_peers or () for peer in value.replace(",", " ").split()
+        )
+        for peer in peers:
+            if not peer.startswith("/") or "/p2p/" not in peer:
+                raise InvalidInput(
+                    f"--initial-peers {peer!r} is not a multiaddr ending in /p2p/PEER"
+                )
+        if self.max_cache_tokens < 0:
+            raise InvalidInput("--max-cache-tokens must be >= 0")
+        if not self.idle_timeout > 0:
+            raise InvalidInput("--idle-timeout must be positive")
+        if self.max_request_bytes < 1:
+            raise InvalidInput("--max-request-bytes must be positive")
+        if self.quant not in ("none", "int8", "nf4"):
+            raise InvalidInput(f"--quant must be none, int8 or nf4, not {self.quant!r}")
+        if self.max_queue < 1 or not 0 <= self.max_free_queue <= self.max_queue:
+            raise InvalidInput("need --max-queue >= 1 and 0 <= --max-free-queue <= --max-queue")
+        ledger_key = parse_ledger_key(self.ledger_key) if self.ledger_key is not None else None
+        return NodeConfig(
+            model=self.model,
+            blocks=parse_span(self.blocks) if self.blocks is not None else None,
+            num_blocks=self.num_blocks,
+            initial_peers=peers,
+            host=self.host,
+            port=self.port,
+            identity=self.identity,
+            quant=self.quant,
+            refresh_period=self.refresh_period,
+            ledger=self.ledger,
+            public=self.public,
+            service=ServiceConfig(
+                limits=WireLimits(max_tensor_bytes=self.max_request_bytes),
+                sessions=SessionConfig(
+                    max_cache_tokens=self.max_cache_tokens, idle_timeout=self.idle_timeout
+                ),
+                scheduler=SchedulerConfig(
+                    max_queue=self.max_queue, max_free_queue=self.max_free_queue
+                ),
+                tickets=TicketConfig(ledger_key=ledger_key),
             ),
-        ),
+        )
+
+
+Options = TypeVar("Options", bound=NodeOptions)
+
+
+def options_command(
+    options: type[Options], action: Callable[[Options], None]
+) -> Callable[..., None]:
+    """A typer command taking the fields of the dataclass ``options`` as its options; it calls
+    ``action`` with them, and its help is ``action``'s docstring.
+
+    typer reads a command's options from its signature: the command has the signature of
+    ``options``' constructor (each field's type resolved where that field is declared), and
+    hands what typer parsed straight to it.
+    """
+    types = get_type_hints(options, include_extras=True)
+    fields = inspect.signature(options).parameters.values()
+
+    def command(**parsed: object) -> None:
+        action(options(**parsed))  # type: ignore[arg-type]
+
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [field.replace(annotation=types[field.name]) for field in fields]
     )
+    command.__doc__ = action.__doc__
+    command.__name__ = action.__name__
+    return command
 
 
-def with_node_options(command: Callable[..., None]) -> Callable[..., None]:
-    """A typer command taking every option of :func:`node_config` and the parameters of
-    ``command(config, ...)`` after the first; ``command`` gets the validated NodeConfig."""
-    node_parameters = inspect.signature(node_config, eval_str=True).parameters
-    own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
-    clash = sorted(set(node_parameters) & {parameter.name for parameter in own})
-    if clash:
-        raise TypeError(f"{command.__name__} redeclares node options: {', '.join(clash)}")
-    merged = [*node_parameters.values(), *own]
-    # Parameters without a default first, as Python requires; all keyword-only, as typer passes.
-    ordered = [p for p in merged if p.default is p.empty]
-    ordered += [p for p in merged if p.default is not p.empty]
-
-    @functools.wraps(command)
-    def wrapper(**options: Any) -> None:
-        node_options = {name: options.pop(name) for name in node_parameters}
-        command(node_config(**node_options), **options)
-
-    wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in ordered]
-    )
-    del wrapper.__wrapped__  # typer must read the merged signature, not command's
-    wrapper.__annotations__ = {p.name: p.annotation for p in ordered}
-    return wrapper
-
-
-@with_node_options
-def run(config: NodeConfig) -> None:
+def serve(options: NodeOptions) -> None:
     """Serve blocks of a model to the swarm; prints the multiaddr others join with."""
-    run_node(config)
+    run_node(options.config())
+
+
+run = options_command(NodeOptions, serve)
 
 
 def register_node_run(node_app: typer.Typer) -> None:

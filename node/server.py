@@ -1,17 +1,21 @@
 """A node process: start the DHT and P2P, pick and load a span, serve it, announce, withdraw.
 
-Lifecycle of :func:`run_node`:
+Lifecycle of :func:`run_node`, one small step each:
 
 1. load (or create) the Ed25519 identity and run libp2p under the same key;
-2. start the DHT (its own process) listening on ``host:port``, joining ``initial_peers``;
-3. choose the span (``--blocks``, or the ``--num-blocks`` window the swarm covers worst);
-4. announce ``joining``, load the span, measure its throughput with real forward passes;
+2. start the node's guard and its DHT process (:mod:`corolla.node.dht_process`) listening on
+   ``host:port`` and joining ``initial_peers``; libp2p stays on this machine (no NAT port
+   mapping, AutoNAT or relay) unless ``public``; both helpers die with this process, however it
+   ends (:mod:`corolla.node.lifeline`);
+3. pick the span (``--blocks``, or the ``--num-blocks`` window the swarm covers worst);
+4. load the span, announce ``joining``, measure its throughput with real forward passes;
 5. register the RPC handlers, announce ``online``, print ``listening on <multiaddr>``;
 6. re-announce every ``refresh_period`` (records expire after twice that) and, with a ledger
    URL, print the node's points when they change (:mod:`corolla.node.balance_watch`) and redeem its
    ticketed work (:mod:`corolla.node.settlement`);
-7. on SIGINT/SIGTERM announce ``offline``, stop the handlers, redeem what is left (bounded),
-   stop the DHT and its daemons, exit 0.
+7. on SIGINT/SIGTERM withdraw, each step bounded: announce ``offline`` and redeem what is left
+   (at once), stop the handlers, stop the DHT and its daemon, exit 0 within about two seconds
+   even when the peers are gone.
 
 Tickets are honoured when signed by the ledger whose key ``--ledger-key`` gives, or else the key
 ``--ledger URL`` reports at startup (asked once, bounded; if the ledger is down then, the
@@ -21,40 +25,45 @@ settlement asks again every period). With neither, no ticket is honoured.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import gc
 import logging
 import os
 import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 import torch
 from hivemind.dht import DHT
-from hivemind.utils import get_dht_time
+from hivemind.p2p import P2P
 
-from corolla.errors import InvalidInput, NodeUnavailable
+from corolla.errors import InvalidInput
+from corolla.node.announcer import Announcer
 from corolla.node.balance_watch import PointsWatcher, check_ledger_url
+from corolla.node.declaration import ServingDeclaration
+from corolla.node.dht_process import DHTPlace, start_dht
+from corolla.node.ledger_trust import tickets_line, trusted_service
+from corolla.node.lifeline import Lifeline
 from corolla.node.model.checkpoint import Checkpoint
 from corolla.node.model.manifest import Manifest, load_manifest
 from corolla.node.model.span import Span, load_span
 from corolla.node.protocol.records import (
     NodeState,
-    RecordValidator,
     ServerRecord,
-    announce,
     fetch_records,
-    sign_record,
     write_libp2p_identity,
 )
-from corolla.node.service import BENCHMARK_UNSIGNED_ENV, Behaviour, NodeService, ServiceConfig
-from corolla.node.settlement import Settlement, fetch_ledger_key
-from corolla.verify.identity import Identity, load_or_create_identity, peer_name_of
-from corolla.version import __version__
+from corolla.node.service import Behaviour, NodeService, ServiceConfig
+from corolla.node.settlement import Settlement
+from corolla.node.verifier import read_calibrations
+from corolla.verify.identity import Identity, load_or_create_identity
+from corolla.verify.tolerance import PROFILES
 
 __all__ = [
     "DEFAULT_IDENTITY",
@@ -70,6 +79,9 @@ DEFAULT_IDENTITY = Path.home() / ".corolla" / "node.key"
 LISTENING_PREFIX = "listening on "
 """Start of the line a node prints, once serving, with the multiaddr others join with."""
 logger = logging.getLogger("corolla.node")
+
+_WITHDRAW_SECONDS = 2.0
+"""How long the ``offline`` announcement may take at shutdown (peers may be gone already)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,12 @@ class NodeConfig:
     ledger: str | None = None
     """URL of a ledger: the node shows the points it has earned there, live, redeems its
     ticketed work there, and (without ``service.tickets.ledger_key``) honours its tickets."""
+    public: bool = False
+    """Reach beyond this machine and its LAN: libp2p's NAT port mapping (UPnP / NAT-PMP),
+    AutoNAT with hole punching, and relays (auto-relay included), as a node behind a home router
+    needs; give it with a ``host`` others can reach (e.g. ``0.0.0.0``). Off by default: a node
+    on ``127.0.0.1`` or a LAN probes nothing around it
+    (:mod:`corolla.node.protocol.p2p_options`)."""
 
     def __post_init__(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -151,95 +169,6 @@ def measure_throughput(span: Span, prompt: int = 16, steps: int = 8) -> float:
     return 1.0 / max(statistics.median(timings), 1e-9)
 
 
-class _Announcer:
-    """Builds, signs and stores the node's record; remembers the last expiry it stored."""
-
-    def __init__(self, dht: DHT, identity: Identity, template: ServerRecord, period: float):
-        self.dht = dht
-        self.identity = identity
-        self.template = template
-        self.period = period
-        self.last_expiry = 0.0
-
-    async def store(self, service: NodeService | None, state: str) -> bool:
-        # The DHT keeps the entry with the latest expiry per subkey: never go backwards.
-        expires_at = max(get_dht_time() + 2 * self.period, self.last_expiry + 0.01)
-        record = replace(
-            self.template,
-            state=state,
-            expires_at=expires_at,
-            throughput=service.throughput if service is not None else 0.0,
-            cache_tokens_free=max(service.sessions.free_tokens, 0) if service is not None else 0,
-        )
-        self.last_expiry = expires_at
-        stored = await announce(self.dht, sign_record(self.identity, record))
-        if not stored:
-            logger.warning("could not store the %s record in the DHT", state)
-        return stored
-
-
-def _start_dht(config: NodeConfig, identity: Identity) -> DHT:
-    identity_file = libp2p_identity_path(config.identity)
-    write_libp2p_identity(identity, identity_file)
-    try:
-        return DHT(
-            initial_peers=list(config.initial_peers) or None,
-            start=True,
-            host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"],
-            identity_path=str(identity_file),
-            # hivemind's check assumes RSA identities; ours is Ed25519 and unique per key file.
-            check_if_identity_free=False,
-            startup_timeout=30,
-            record_validators=[RecordValidator()],
-        )
-    except Exception as error:
-        raise NodeUnavailable(f"cannot start the DHT or join the swarm: {error}") from None
-
-
-async def _trusted_ledger(config: NodeConfig) -> ServiceConfig:
-    """The service's config with the key of the ledger whose tickets it honours: ``--ledger-key``,
-    else the key ``--ledger URL`` reports (one bounded request; a warning if it fails)."""
-    service = config.service
-    if config.ledger is None:
-        return service
-    from corolla.ledger.api.client import AsyncLedgerClient, ClientConfig
-
-    url = check_ledger_url(config.ledger)
-    try:
-        async with AsyncLedgerClient(url, config=ClientConfig(timeout_s=5.0, attempts=1)) as ledger:
-            reported = await asyncio.wait_for(fetch_ledger_key(ledger), 10)
-    except Exception as error:
-        if service.tickets.ledger_key is None:
-            print(
-                f"warning: cannot get the ledger's key from {url} ({str(error)[:200]}); "
-                "tickets are not honoured until it answers",
-                flush=True,
-            )
-        return service
-    configured = service.tickets.ledger_key
-    if configured is None:
-        return replace(service, tickets=replace(service.tickets, ledger_key=reported))
-    if configured != reported:
-        print(
-            f"warning: --ledger-key is ledger {peer_name_of(configured)} but {url} is ledger "
-            f"{peer_name_of(reported)}: tickets it sells are not honoured, redemptions will fail",
-            flush=True,
-        )
-    return service
-
-
-def _tickets_line(service: NodeService, config: NodeConfig) -> str:
-    key = service.tickets.ledger_key
-    if key is None and config.ledger is None:
-        return "tickets: not honoured (give --ledger URL or --ledger-key HEX to honour them)"
-    if key is None:
-        return f"tickets: not honoured until {config.ledger} says its key"
-    line = f"tickets: honoured when signed by ledger {peer_name_of(key)}"
-    if config.ledger is None:
-        line += "; no --ledger, so ticketed work is not redeemed"
-    return line
-
-
 def _interrupt_in(main_pid: int) -> Callable[[int, FrameType | None], None]:
     """A SIGTERM handler raising KeyboardInterrupt in this process; forked children just die."""
 
@@ -264,15 +193,12 @@ clients a ticketed step took 3.2x its unloaded time at 5 ms and 2.1x at 0.5 ms
 def run_node(config: NodeConfig, behaviour: Behaviour | None = None) -> None:
     """Run a node until SIGINT or SIGTERM; returns after a clean withdrawal.
 
-    With ``COROLLA_BENCHMARK_UNSIGNED=1`` in the environment (benchmarks only) the node checks no
-    client signature and signs its receipts with zeros; it says so loudly at startup.
+    Its DHT process and libp2p daemon end with it, even if this process is killed.
     """
-    if os.environ.get(BENCHMARK_UNSIGNED_ENV) == "1":
-        config = replace(config, service=replace(config.service, benchmark_unsigned=True))
     if config.service.benchmark_unsigned:
         print(
-            f"WARNING: {BENCHMARK_UNSIGNED_ENV}=1: this node checks NO client signature and signs "
-            "NO receipt (all-zero signatures). For benchmarks only: normal clients reject it.",
+            "WARNING: benchmark_unsigned: this node checks NO client signature. "
+            "For benchmarks only.",
             file=sys.stderr,
             flush=True,
         )
@@ -281,25 +207,49 @@ def run_node(config: NodeConfig, behaviour: Behaviour | None = None) -> None:
     if config.blocks is not None:
         checkpoint.check_span(*config.blocks)
     manifest = load_manifest(checkpoint)
-    # Until the event loop takes signals over, SIGTERM interrupts like Ctrl-C does, so that the
-    # DHT process and its daemons are still shut down (if the process just died, the DHT
-    # process would outlive it). System calls restart rather than fail with EINTR in C code
-    # that may not expect it: a node signalled while torch started its shared-memory manager
-    # (for hivemind's MPFuture) was once seen spinning forever.
+    identity_file = libp2p_identity_path(config.identity)
+    write_libp2p_identity(identity, identity_file)
+    place = DHTPlace(config.host, config.port, config.initial_peers, identity_file, config.public)
+    try:
+        with _node_process_settings(), Lifeline() as lifeline:
+            dht = start_dht(place, lifeline)
+            try:
+                asyncio.run(_serve(config, identity, checkpoint, manifest, dht, behaviour))
+            finally:
+                dht.shutdown()
+    finally:
+        _exit_without_final_collections()
+
+
+@contextlib.contextmanager
+def _node_process_settings() -> Iterator[None]:
+    """SIGTERM interrupts like Ctrl-C until the event loop takes signals over, system calls are
+    restarted rather than failed by signals, and the GIL changes hands quickly; all restored."""
+    # If a SIGTERM during startup just killed this process, the DHT process would die with it
+    # but not withdraw. EINTR in C code that may not expect it: a node signalled while torch
+    # started its shared-memory manager (for hivemind's MPFuture) was once seen spinning forever.
     previous = signal.signal(signal.SIGTERM, _interrupt_in(os.getpid()))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.siginterrupt(signum, False)
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(_GIL_SWITCH_SECONDS)
     try:
-        dht = _start_dht(config, identity)
-        try:
-            asyncio.run(_serve(config, identity, checkpoint, manifest, dht, behaviour))
-        finally:
-            dht.shutdown()
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
         sys.setswitchinterval(switch_interval)
+
+
+def _exit_without_final_collections() -> None:
+    """Skip the interpreter's last garbage collections when the process exits.
+
+    They walk every object torch and transformers made: 2-4 s of CPU per node (``perf`` showed
+    ``gc_collect_main`` at 70 % of a stopping node's time), which a whole swarm stopping at once
+    on a small machine pays several times over. Frozen objects are still freed by reference
+    counting; only the cycle search is skipped, and only at exit.
+    """
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
 
 
 async def _serve(
@@ -310,89 +260,139 @@ async def _serve(
     dht: DHT,
     behaviour: Behaviour | None,
 ) -> None:
-    model_digest = manifest.model_digest
+    stop = _stop_on_signals()
+    start, end = await _pick_span(config, dht, checkpoint, manifest)
+    service = await _load_service(config, identity, start, end, behaviour)
+    announcer = Announcer(dht, identity, service, config.refresh_period)
+    await announcer.store(NodeState.JOINING)
+    service.throughput = await asyncio.to_thread(measure_throughput, service.span)
+    p2p = await _go_online(dht, service, announcer)
+    await _print_serving(identity, service, p2p, config)
+    watchers, settlement, declaration = _start_ledger_watchers(config, identity, service, stop)
+    try:
+        await _refresh_until(stop, announcer)
+    finally:
+        await _withdraw(service, announcer, p2p, watchers, settlement, declaration)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event the loop sets on SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    return stop
 
+
+async def _pick_span(
+    config: NodeConfig, dht: DHT, checkpoint: Checkpoint, manifest: Manifest
+) -> tuple[int, int]:
     if config.blocks is not None:
-        start, end = config.blocks
-    else:
-        records = await fetch_records(dht, model_digest, checkpoint.num_blocks)
-        start, end = choose_span(records, checkpoint.num_blocks, config.num_blocks or 1)
-    template = ServerRecord(
-        peer_id=dht.peer_id.to_base58(),
-        public_key=identity.public_key,
-        model_digest=model_digest,
-        span_digest=manifest.span_digest(start, end),
-        start=start,
-        end=end,
-        throughput=0.0,
-        cache_tokens_free=0,
-        quant=config.quant,
-        dtype="float32",
-        state=NodeState.JOINING,
-        version=__version__,
-        expires_at=0.0,
-    )
-    announcer = _Announcer(dht, identity, template, config.refresh_period)
-    await announcer.store(None, NodeState.JOINING)
+        return config.blocks
+    records = await fetch_records(dht, manifest.model_digest, checkpoint.num_blocks)
+    return choose_span(records, checkpoint.num_blocks, config.num_blocks or 1)
 
-    service_config = await _trusted_ledger(config)
+
+async def _load_service(
+    config: NodeConfig, identity: Identity, start: int, end: int, behaviour: Behaviour | None
+) -> NodeService:
+    """The span's weights, loaded, behind the RPC service (not registered yet)."""
+    service_config = await trusted_service(config.service, config.ledger)
     span = await asyncio.to_thread(load_span, config.model, start, end, config.quant)
+    directory = await asyncio.to_thread(lambda: Checkpoint(config.model).directory)
+    calibrations = read_calibrations(directory, span.model_digest)  # a verifier's thresholds
     # In a thread: a behaviour may load weights of its own when it is attached to the span.
-    service = await asyncio.to_thread(NodeService, span, identity, service_config, behaviour)
-    announcer.template = replace(
-        template, dtype=service.dtype_name, quant=span.quant, span_digest=span.digest
+    return await asyncio.to_thread(
+        NodeService, span, identity, service_config, behaviour, calibrations
     )
-    service.throughput = await asyncio.to_thread(measure_throughput, span)
+
+
+async def _go_online(dht: DHT, service: NodeService, announcer: Announcer) -> P2P:
+    """Register the handlers on the DHT's daemon and announce ``online``."""
     p2p = await dht.replicate_p2p()
     await service.add_handlers(p2p)
     service.state = NodeState.ONLINE
-    await announcer.store(service, NodeState.ONLINE)
+    await announcer.store(NodeState.ONLINE)
+    return p2p
 
-    maddrs = [str(addr) for addr in await p2p.get_visible_maddrs()]
+
+async def _print_serving(
+    identity: Identity, service: NodeService, p2p: P2P, config: NodeConfig
+) -> None:
+    span = service.span
     print(
-        f"corolla node {identity.peer_name}: blocks {start}:{end} of model "
-        f"{model_digest.hex()[:16]} ({span.family.name}, {service.dtype_name}, quant "
+        f"corolla node {identity.peer_name}: blocks {span.start}:{span.end} of model "
+        f"{span.model_digest.hex()[:16]} ({span.family.name}, {service.dtype_name}, quant "
         f"{span.quant}), {service.throughput:.1f} tokens/s",
         flush=True,
     )
-    for maddr in maddrs:
+    for maddr in await p2p.get_visible_maddrs():
         print(f"{LISTENING_PREFIX}{maddr}", flush=True)
-    print(_tickets_line(service, config), flush=True)
+    print(tickets_line(service.tickets.ledger_key, config.ledger), flush=True)
 
-    watchers: list[asyncio.Task[None]] = []
-    settlement: Settlement | None = None
-    if config.ledger is not None:
-        url = check_ledger_url(config.ledger)
-        points = PointsWatcher(url, identity.public_key, config.refresh_period)
-        settlement = Settlement(url, identity, service.tickets, config.refresh_period)
-        watchers = [
-            asyncio.create_task(points.run(stop)),
-            asyncio.create_task(settlement.run(stop)),
-        ]
-    try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), config.refresh_period)
-            if not stop.is_set():
-                await announcer.store(service, NodeState.ONLINE)
-    finally:
-        for watcher in watchers:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
-        service.state = NodeState.OFFLINE
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(announcer.store(service, NodeState.OFFLINE), 10)
-        with contextlib.suppress(Exception):
-            await service.remove_handlers(p2p)
-        if settlement is not None:
-            with contextlib.suppress(Exception):
-                await settlement.final()
-        service.shutdown()
-        with contextlib.suppress(Exception):
-            await p2p.shutdown()
-        print("corolla node: withdrawn from the swarm, exiting", file=sys.stderr, flush=True)
+
+def _start_ledger_watchers(
+    config: NodeConfig, identity: Identity, service: NodeService, stop: asyncio.Event
+) -> tuple[list[asyncio.Task[None]], Settlement | None, ServingDeclaration | None]:
+    """With a ledger: the points display, the settlement and the serving declaration (what
+    makes this node a candidate verifier), running until ``stop``."""
+    if config.ledger is None:
+        return [], None, None
+    url = check_ledger_url(config.ledger)
+    points = PointsWatcher(url, identity.public_key, config.refresh_period)
+    settlement = Settlement(url, identity, service.tickets, config.refresh_period)
+    span = service.span
+    profile = PROFILES.get((service.dtype_name, span.quant))
+    declaration = (
+        None
+        if profile is None
+        else ServingDeclaration(
+            url,
+            identity,
+            span.model_digest,
+            (span.start, span.end),
+            profile,
+            config.refresh_period,
+        )
+    )
+    tasks = [points.run(stop), settlement.run(stop)]
+    if declaration is not None:
+        tasks.append(declaration.run(stop))
+    return [asyncio.create_task(task) for task in tasks], settlement, declaration
+
+
+async def _refresh_until(stop: asyncio.Event, announcer: Announcer) -> None:
+    """Re-announce ``online`` every period until ``stop`` is set."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), announcer.period)
+        if not stop.is_set():
+            await announcer.store(NodeState.ONLINE)
+
+
+async def _withdraw(
+    service: NodeService,
+    announcer: Announcer,
+    p2p: P2P,
+    watchers: list[asyncio.Task[None]],
+    settlement: Settlement | None,
+    declaration: ServingDeclaration | None,
+) -> None:
+    """Leave the swarm, each step bounded: announce ``offline`` and redeem what is left at the
+    same time, stop the handlers and the compute thread, let go of the daemon."""
+    for watcher in watchers:
+        watcher.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
+    service.state = NodeState.OFFLINE
+    last_words = [asyncio.wait_for(announcer.store(NodeState.OFFLINE), _WITHDRAW_SECONDS)]
+    if settlement is not None:
+        last_words.append(settlement.final())
+    if declaration is not None:
+        last_words.append(asyncio.wait_for(declaration.withdraw(), _WITHDRAW_SECONDS))
+    await asyncio.gather(*last_words, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(service.remove_handlers(p2p), _WITHDRAW_SECONDS)
+    service.shutdown()
+    with contextlib.suppress(Exception):
+        await p2p.shutdown()
+    print("corolla node: withdrawn from the swarm, exiting", file=sys.stderr, flush=True)

@@ -7,6 +7,9 @@ step (the same signed request) gets the stored reply back without touching the c
 else is refused. ``position`` counts the tokens already in the cache over the whole batch
 (``batch_size * past_length``), as :class:`~corolla.verify.receipts.StepRequest` does.
 
+A session that has taken a check step (:mod:`corolla.node.verifier`) is a *check session*: it
+mirrors another node's session (:class:`Mirror`) and takes only check steps from then on.
+
 A session opened with a ticket the node honours holds it (``ticket``, see
 :mod:`corolla.node.ticket_book`) and runs at high priority until the ticket can no longer pay for a
 step; it then drops the ticket and runs free.
@@ -23,7 +26,7 @@ from corolla.node.ticket_book import HonouredTicket
 from corolla.verify.digests import GENESIS_CHAIN
 from corolla.verify.receipts import StepRequest
 
-__all__ = ["Session", "SessionConfig", "SessionTable"]
+__all__ = ["Mirror", "Session", "SessionConfig", "SessionTable"]
 
 Reply = TypeVar("Reply")
 
@@ -37,6 +40,17 @@ class SessionConfig:
     idle_timeout: float = 60.0
     """Seconds a session may wait for its next message before it is closed (by the service,
     which waits for each message with this timeout)."""
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """Where a check session stands in the session it mirrors (node ``node_key``'s session
+    ``session_id``): the checked node's next uncovered step and its chain digest before it."""
+
+    node_key: bytes
+    session_id: bytes
+    next_step: int
+    chain: bytes
 
 
 @dataclass
@@ -56,6 +70,8 @@ class Session(Generic[Reply]):
     last_reply: Reply | None = None
     ticket: HonouredTicket | None = None
     """The ticket paying for this session's priority; None: the session runs free."""
+    mirror: Mirror | None = None
+    """Set by the first check step: the session checks another node's session."""
 
     @property
     def reserved_tokens(self) -> int:

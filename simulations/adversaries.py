@@ -22,6 +22,12 @@ second peer, can catch them):
                    steps (``cheat_fraction``) and/or only for clients whose public key starts with
                    ``target_client`` (hex); honest everywhere else.
 
+Neither a liar nor honest, for the failover tests:
+
+- ``hang``         answers the first steps of every session (the prefill and two more), then
+                   accepts each later step and never answers it: only the client's step timeout
+                   notices. Its compute thread is held, so whatever queues behind it waits too.
+
 Random choices (noise, which steps a selective node cheats on) are a function of ``seed``, the
 request's session id and step, so a run is reproducible and a retried step gets the same answer.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import string
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,6 +49,16 @@ from corolla.node.behaviour import Behaviour
 from corolla.node.model.checkpoint import Checkpoint
 from corolla.node.model.quant import parse_quant, quantize_linears
 from corolla.node.model.span import BetweenBlocks, Span, SpanCache, load_span
+from corolla.simulations.verifier_adversaries import (
+    ColludingNode,
+    ColludingVerifier,
+    LyingVerifier,
+    Steering,
+    colluding_node,
+    colluding_verifier,
+    lying_verifier,
+    steering,
+)
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import Receipt, StepRequest, make_receipt
 
@@ -49,6 +66,7 @@ __all__ = [
     "ADVERSARIES",
     "AdversaryOptions",
     "BadDigest",
+    "Hang",
     "Lazy",
     "Noise",
     "Selective",
@@ -77,7 +95,16 @@ class AdversaryOptions:
     wrong_quant: str | None = None
     """wrong-quant: the quantization it computes with (default nf4)."""
     seed: int | None = None
-    """noise, subtle, bad-digest, selective: seed of the random choices (default 0)."""
+    """noise, subtle, bad-digest, selective, colluding-node: seed of the random choices
+    (default 0; a colluding pair's operator gives its node the seed of its corruption)."""
+    accomplice: str | None = None
+    """colluding-verifier: the public key (hex) of the node it signs 'passed' for."""
+    target_node: str | None = None
+    """lying-verifier: sign 'failed' only against this node's public key (hex; default all)."""
+    steer_token: int | None = None
+    """steering: the token id it pushes the text towards."""
+    steer_model: Path | None = None
+    """steering: the checkpoint whose final norm and LM head it steers with (its own model)."""
 
 
 def _draw(seed: int, purpose: str, request: StepRequest) -> int:
@@ -335,6 +362,47 @@ class Selective(Behaviour):
         return self._for(request).sent(step, request, output)
 
 
+class Hang(Behaviour):
+    """Answers steps ``0 .. answered - 1`` of every session, then holds each later step.
+
+    A held step was accepted (checked, queued, handed to the compute thread) and is never
+    answered: no reply, no error, the stream stays open. One-shot forwards are step 0, so they
+    are answered while the compute thread is free. ``release()`` lets the held steps finish
+    (in-process tests call it to end cleanly); nothing releases them in a node process, which
+    therefore does not exit on SIGTERM while a step is held: stop it with SIGKILL.
+    """
+
+    name = "hang"
+
+    def __init__(self, answered: int = 3) -> None:
+        if answered < 0:
+            raise InvalidInput(f"a hanging node answers 0 or more steps, not {answered!r}")
+        self.answered = answered
+        self.held = 0
+        """Steps held so far (counted when the hold begins)."""
+        self._released = threading.Event()
+
+    def describe(self) -> str:
+        return f"{self.name} (answers the first {self.answered} steps of a session, then hangs)"
+
+    def release(self) -> None:
+        """Let every held step (and every later one) run to its answer."""
+        self._released.set()
+
+    def compute(
+        self,
+        request: StepRequest,
+        span: Span,
+        hidden: torch.Tensor,
+        cache: SpanCache | None,
+        between: BetweenBlocks | None = None,
+    ) -> torch.Tensor:
+        if request.step >= self.answered and not self._released.is_set():
+            self.held += 1
+            self._released.wait()
+        return span.forward(hidden, cache, between)
+
+
 # --------------------------------------------------------------------------- by name
 
 
@@ -368,6 +436,11 @@ ADVERSARIES: dict[str, Callable[[AdversaryOptions], Behaviour]] = {
     WrongModel.name: _wrong_model,
     WrongQuant.name: lambda options: WrongQuant(options.wrong_quant or "nf4"),
     Selective.name: _selective,
+    Hang.name: lambda options: Hang(),
+    ColludingNode.name: lambda options: colluding_node(_seed(options), options.perturbation),
+    ColludingVerifier.name: lambda options: colluding_verifier(options.accomplice),
+    LyingVerifier.name: lambda options: lying_verifier(options.target_node),
+    Steering.name: lambda options: steering(options.steer_model, options.steer_token),
 }
 """Every strategy by name: a factory taking the options."""
 
@@ -378,6 +451,10 @@ _USES: dict[str, set[str]] = {
     WrongModel.name: {"wrong_model"},
     WrongQuant.name: {"wrong_quant"},
     Selective.name: {"cheat_with", "cheat_fraction", "target_client", "seed"},
+    ColludingNode.name: {"perturbation", "seed"},
+    ColludingVerifier.name: {"accomplice"},
+    LyingVerifier.name: {"target_node"},
+    Steering.name: {"steer_token", "steer_model"},
 }
 """Options each strategy reads (a selective one also reads those of its ``cheat_with``)."""
 

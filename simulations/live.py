@@ -1,8 +1,10 @@
 """Start real `corolla node run` processes on this machine, and always stop them.
 
 Used by `corolla demo`, the benchmarks and the tests. Each node runs in its own process group
-(its DHT process and libp2p daemons included), so stopping it leaves nothing behind: SIGTERM
-first (a clean withdrawal from the DHT), then SIGKILL of the whole group.
+(its guard, DHT process and libp2p daemon included), so stopping it leaves nothing behind:
+SIGTERM first (a clean withdrawal from the DHT, about a second), then, past the timeout, SIGKILL
+of the whole group, waiting (bounded) until no process of the group runs. A node whose main
+process alone is killed takes its helpers with it (:mod:`corolla.node.lifeline`).
 """
 
 from __future__ import annotations
@@ -19,16 +21,40 @@ from pathlib import Path
 
 from corolla.errors import NodeUnavailable
 
-__all__ = ["LISTENING_PREFIX", "LocalSwarm", "NodeProcess"]
+__all__ = ["LISTENING_PREFIX", "LocalSwarm", "NodeProcess", "group_members"]
 
 LISTENING_PREFIX = "listening on "
 _BOOTSTRAP = "from corolla.cli import main; main()"
+COROLLA_PROGRAM: tuple[str, ...] = (sys.executable, "-c", _BOOTSTRAP)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the running (not zombie) processes of process group ``pgid``."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                state, _ppid, group = stat.read().rsplit(b")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state not in (b"Z", b"X"):
+            members.append(int(name))
+    return members
 
 
 class NodeProcess:
     """One running node; its output is collected in `lines`."""
 
-    def __init__(self, name: str, args: list[str], identity: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        identity: Path,
+        env: dict[str, str],
+        program: Sequence[str] = COROLLA_PROGRAM,
+    ) -> None:
         self.name = name
         self.args = args
         self.identity = identity
@@ -36,7 +62,7 @@ class NodeProcess:
         self.maddr = ""
         self._ready = threading.Event()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, *args],
+            [*program, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -85,12 +111,16 @@ class NodeProcess:
         self._reader.join(5)
         return self.process.returncode
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group at once (a crash, as far as the swarm can tell)."""
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the whole process group at once (a crash, as far as the swarm can tell) and
+        wait, up to ``timeout`` seconds, until none of its processes runs."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
+            self.process.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while group_members(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 class LocalSwarm:
@@ -119,8 +149,13 @@ class LocalSwarm:
         refresh_period: float = 5.0,
         wait: bool = True,
         env: dict[str, str] | None = None,
+        program: Sequence[str] = COROLLA_PROGRAM,
     ) -> NodeProcess:
-        """Start a node (`corolla node run`, or `corolla simulate node` with an adversary)."""
+        """Start a node (`corolla node run`, or `corolla simulate node` with an adversary).
+
+        ``program`` is the command line the node's arguments follow (``corolla`` by default; a
+        benchmark passes ``benchmarks/unsigned.py``'s, which takes the same ``node run ...``).
+        """
         name = f"node{len(self.nodes)}"
         identity = self.directory / f"{name}.key"
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -138,7 +173,7 @@ class LocalSwarm:
             args += ["--initial-peers", peer]
         args += list(extra_args)
         node_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-        node = NodeProcess(name, args, identity, node_env)
+        node = NodeProcess(name, args, identity, node_env, program)
         self.nodes.append(node)
         if wait:
             node.wait_ready(self.ready_timeout)

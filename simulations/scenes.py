@@ -96,7 +96,7 @@ def earn_points(
             step_times(model, prompt, config)
             session = model.backbone.last_session
             if session is not None:
-                report_session(api, session.work, session.checks)
+                report_session(api, session.log.work, session.log.checks)
 
 
 def earn_until(
@@ -237,9 +237,9 @@ def paid_vs_free(
         after = paid.backbone.node_info(node)
         free_tokens, free_times = step_times(free, load.prompt, load.config)
         session = paid.backbone.last_session
-        ran_at = session.granted.get(node, PRIORITY_FREE) if session else PRIORITY_FREE
-        if session is not None and session.priority_notes:
-            ran_at += f" ({'; '.join(session.priority_notes)})"
+        ran_at = session.log.granted.get(node, PRIORITY_FREE) if session else PRIORITY_FREE
+        if session is not None and session.log.priority_notes:
+            ran_at += f" ({'; '.join(session.log.priority_notes)})"
     same = torch.equal(paid_tokens, free_tokens)
     overtook, preempted = after.overtaken - before.overtaken, after.preempted - before.preempted
     return PaidVsFree(clients, paid_times, free_times, ran_at, same, bought, overtook, preempted)

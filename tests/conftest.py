@@ -12,6 +12,7 @@ from hivemind.p2p import P2P
 from transformers.utils import logging as hf_logging
 
 from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
+from corolla.node.protocol.p2p_options import p2p_options
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -51,9 +52,9 @@ def family_dir(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> P
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def daemons() -> AsyncIterator[tuple[P2P, P2P]]:
     """(server, client): the client's daemon knows the server's; both shut down at the end."""
-    server = await P2P.create()
+    server = await P2P.create(**p2p_options())
     try:
-        client = await P2P.create(initial_peers=await server.get_visible_maddrs())
+        client = await P2P.create(**p2p_options(), initial_peers=await server.get_visible_maddrs())
         try:
             yield server, client
         finally:

@@ -12,11 +12,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import corolla.node.model.checkpoint as checkpoint_module
+from corolla.cli import main
 from corolla.client.head import load_head
 from corolla.errors import CheckpointError, MissingTensor, SpanOutOfRange, UnsupportedModel
 from corolla.node.model.checkpoint import Checkpoint, parse_span
+from corolla.node.model.head import read_head
 from corolla.node.model.manifest import MANIFEST_FILE, load_manifest
 from corolla.node.model.span import load_span
+from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
 
 
 class _RecordingSafeOpen:
@@ -171,3 +174,84 @@ def test_a_span_outside_the_model_is_refused(bloom_dir: Path, span: tuple[int, i
 def test_malformed_span_text_is_refused(text: str) -> None:
     with pytest.raises(SpanOutOfRange):
         parse_span(text)
+
+
+def _info(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`corolla model info ...` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main(["model", "info", *args])
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_model_info_refuses_a_manifest_that_no_longer_matches_the_weights(
+    bloom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "stale"
+    shutil.copytree(bloom_dir, copy)
+    stored = load_manifest(Checkpoint(copy))
+    tensors = load_file(copy / "model.safetensors")
+    tensors["transformer.h.2.mlp.dense_h_to_4h.bias"][0] += 1.0
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    code, out, err = _info(capsys, str(copy), "--json")
+    assert code != 0 and out == ""
+    assert "does not match the tensors" in err and "block 2 differ" in err
+    # Asked not to verify, it prints the stored digests and says they were not checked.
+    code, out, _ = _info(capsys, str(copy), "--json", "--no-verify")
+    summary = json.loads(out)
+    assert code == 0 and summary["verified"] is False and "NOT checked" in summary["digests"]
+    assert summary["model_digest"] == stored.model_digest.hex()
+
+
+def test_model_info_refuses_a_manifest_copied_from_another_model(
+    model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The test BLOOM's config (so the same config digest) with other weights.
+    tiny = TinyModelConfig(
+        family="bloom", num_layers=4, hidden_size=64, num_heads=4, seed=11, initializer_range=0.3
+    )
+    target = create_tiny_model(tmp_path / "target", tiny)
+    assert (target / "config.json").read_text() == (model_dirs["bloom"] / "config.json").read_text()
+    load_manifest(Checkpoint(model_dirs["bloom"]))
+    shutil.copy(model_dirs["bloom"] / MANIFEST_FILE, target / MANIFEST_FILE)
+    code, _, err = _info(capsys, str(target))
+    assert code != 0 and "does not match the tensors" in err
+    other = tmp_path / "llama-manifest"
+    shutil.copytree(model_dirs["bloom"], other)
+    load_manifest(Checkpoint(model_dirs["llama"]))
+    shutil.copy(model_dirs["llama"] / MANIFEST_FILE, other / MANIFEST_FILE)
+    code, _, err = _info(capsys, str(other))
+    assert code != 0 and "describes a llama model" in err
+
+
+def test_model_info_verifies_and_reports_matching_weights(
+    family_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _info(capsys, str(family_dir), "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["verified"] is True
+    assert summary["model_digest"] == load_manifest(Checkpoint(family_dir)).model_digest.hex()
+    assert all(count > 0 for count in summary["block_parameters"])
+
+
+def test_the_head_is_checked_against_the_manifest(bloom_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "head-changed"
+    shutil.copytree(bloom_dir, copy)
+    load_manifest(Checkpoint(copy))
+    tensors = load_file(copy / "model.safetensors")
+    tensors["transformer.ln_f.bias"][0] += 1.0
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = Checkpoint(copy)
+    with pytest.raises(CheckpointError, match=r"head tensors .* do not match"):
+        read_head(checkpoint, load_manifest(checkpoint))
+    fresh = Checkpoint(bloom_dir)
+    head = read_head(fresh, load_manifest(fresh))
+    reference = load_head(bloom_dir).head
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(
+        head.logits(head.embed_tokens(ids)), reference.logits(reference.embed_tokens(ids))
+    )

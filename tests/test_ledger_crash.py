@@ -10,12 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from ledger_fixtures import LedgerServer, attested_report
+from ledger_fixtures import (
+    LedgerServer,
+    check,
+    declare_over_http,
+    make_pairs,
+    seed_identity,
+    wait_for_next_beacon,
+)
 
+from corolla.ledger.api.client import LedgerClient
 from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.reports import report_body
 from corolla.ledger.audit import audit
 from corolla.ledger.reader import LedgerReader
 from corolla.ledger.sources import DbSource
+from corolla.verify.beacon import Beacon
 from corolla.verify.checkpoints import Checkpoint
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
@@ -23,6 +33,8 @@ from corolla.verify.merkle import verify_consistency
 
 ROUNDS = 20
 WRITERS = 6
+VERIFIER = seed_identity("verifier")
+"""Declares serving in the first round: the assigned verifier of every check after that."""
 
 
 def burst(
@@ -31,12 +43,14 @@ def burst(
     enough: threading.Event,
     target: int,
     stop: threading.Event,
+    beacon: Beacon,
 ) -> None:
     """Submit small signed, checked reports until the server dies; record every 200 answer."""
-    client_id, node, verifier = Identity.generate(), Identity.generate(), Identity.generate()
+    client_id, node = Identity.generate(), Identity.generate()
     with httpx.Client(base_url=url, timeout=10) as http:
         while not stop.is_set():
-            body = attested_report(client_id, node, verifier, steps=2, prefill=3)
+            pairs = make_pairs(client_id, node, steps=2, prefill=3)
+            body = report_body(pairs, [check(client_id, VERIFIER, pairs, beacon)])
             data = canonical(body)
             envelope = sign_envelope(client_id, "report", data)
             try:
@@ -81,13 +95,20 @@ def test_every_acknowledged_write_survives_sigkill_mid_burst_twenty_times(tmp_pa
     rng = random.Random(20240601)
     sizes = []
     killed_with_writes_in_flight = 0
-    for _ in range(ROUNDS):
+    for round_number in range(ROUNDS):
         server = LedgerServer(db, key)
+        with LedgerClient(server.url) as ledger:
+            if round_number == 0:
+                declare_over_http(server.url, VERIFIER)
+                wait_for_next_beacon(ledger)
+            beacon = ledger.beacon()
         acknowledged: list[tuple[bytes, dict[str, Any]]] = []
         enough, stop = threading.Event(), threading.Event()
         target = rng.randint(3, 12)
         writers = [
-            threading.Thread(target=burst, args=(server.url, acknowledged, enough, target, stop))
+            threading.Thread(
+                target=burst, args=(server.url, acknowledged, enough, target, stop, beacon)
+            )
             for _ in range(WRITERS)
         ]
         try:

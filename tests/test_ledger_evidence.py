@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from ledger_fixtures import LedgerServer, running_server
+from ledger_fixtures import LedgerServer, report_by_fresh_verifier, running_server
 from typer.testing import CliRunner
 
 from corolla.errors import LedgerRefused
 from corolla.ledger.api.client import LedgerClient
 from corolla.ledger.api.envelope import sign_envelope
 from corolla.ledger.api.models import b64encode
-from corolla.ledger.api.reports import Attestation
 from corolla.ledger.cli import register
 from corolla.ledger.store import LedgerStore
 from corolla.ledger_server import load_referee
@@ -114,34 +113,16 @@ def recompute(
     return Recomputation(request, receipt, output)
 
 
-def attestation(
-    claims: tuple[StepClaim, ...], recomputation: Recomputation, passed: bool
-) -> Attestation:
-    first = claims[0].receipt
-    return Attestation(
-        node_key=first.node_key,
-        session_id=first.session_id,
-        start=START,
-        end=END,
-        steps=len(claims),
-        passed=passed,
-        score="1e-06" if passed else "0.05",
-        request=recomputation.request,
-        receipt=recomputation.receipt,
-    )
-
-
 def pairs_of(claims: tuple[StepClaim, ...]) -> list[tuple[object, object]]:
     return [(claim.request, claim.receipt) for claim in claims]
 
 
 def earn(server: LedgerServer, span: Span, node: Identity) -> int:
     """A client reports a session of ``node``'s that passed a check; returns the node's points."""
-    client, verifier = Identity.generate(), Identity.generate()
+    client = Identity.generate()
     claims = serve_session(span, client, node)
-    check = attestation(claims, recompute(span, client, verifier, claims), passed=True)
-    with LedgerClient(server.url, client) as ledger:
-        ledger.submit_report(pairs_of(claims), [check])  # type: ignore[arg-type]
+    report_by_fresh_verifier(server.url, client, pairs_of(claims))  # type: ignore[arg-type]
+    with LedgerClient(server.url) as ledger:
         return ledger.balance(node.public_key)
 
 
@@ -153,13 +134,10 @@ def test_the_referee_convicts_a_cheating_node_which_then_earns_nothing(
     assert earned == 2 * 8
     cheated = serve_session(span, client, node, cheat=0.05)
     recomputation = recompute(span, client, verifier, cheated)
+    # The verifier's failed check keeps the session unpaid...
+    result = report_by_fresh_verifier(refereed.url, client, pairs_of(cheated), passed=False)  # type: ignore[arg-type]
+    assert {pair["credited_units"] for pair in result[0]["pairs"]} == {0}
     with LedgerClient(refereed.url, client) as ledger:
-        # The client's failed check keeps the session unpaid...
-        result = ledger.submit_report(
-            pairs_of(cheated),  # type: ignore[arg-type]
-            [attestation(cheated, recomputation, passed=False)],
-        )[0]
-        assert {pair["credited_units"] for pair in result["pairs"]} == {0}
         # ...and its evidence, judged by the referee, slashes the node.
         verdict = ledger.submit_evidence(FraudEvidence("fp32", cheated, (recomputation,)))
         assert (verdict.verdict, verdict.judge) == ("guilty", "referee")

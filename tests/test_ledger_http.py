@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import subprocess
 import sys
 import threading
@@ -16,33 +17,48 @@ import pytest
 import typer
 from ledger_fixtures import (
     LedgerServer,
-    attest,
-    attested_report,
+    check,
+    declare_over_http,
+    earn,
     free_port,
     made_up_evidence,
     make_pairs,
     running_server,
+    wait_for_next_beacon,
 )
 from typer.testing import CliRunner
 
 from corolla.errors import LedgerError, LedgerRefused
 from corolla.ledger.api.client import ClientConfig, LedgerClient
 from corolla.ledger.api.envelope import sign_envelope
+from corolla.ledger.api.reports import Attestation, report_body
 from corolla.ledger.audit import audit
 from corolla.ledger.cli import register
 from corolla.ledger.sources import HttpSource
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity, load_identity, save_identity
 from corolla.verify.merkle import verify_consistency, verify_inclusion
+from corolla.verify.receipts import Receipt, StepRequest
 
 
 def checked(
-    ledger: LedgerClient, client: Identity, node: Identity, **options: object
+    ledger: LedgerClient, client: Identity, node: Identity, **options: int
 ) -> list[dict[str, object]]:
-    """``client`` reports a session of ``node``'s, checked by a fresh verifier."""
-    pairs = make_pairs(client, node, **options)  # type: ignore[arg-type]
-    with LedgerClient(ledger.client.url, client) as as_client:
-        return as_client.submit_report(pairs, [attest(client, Identity.generate(), pairs)])
+    """``client`` reports a session of ``node``'s, checked by its assigned verifier."""
+    return earn(ledger.client.url, client, node, **options)
+
+
+def checked_session(
+    url: str, client: Identity, node: Identity, steps: int
+) -> tuple[list[tuple[StepRequest, Receipt]], list[Attestation], Identity]:
+    """A session of ``node``'s and the check of it by its assigned verifier (a fresh one, the
+    only candidate for a fresh model), not yet reported."""
+    model, verifier = secrets.token_bytes(32), Identity.generate()
+    declare_over_http(url, verifier, model=model)
+    pairs = make_pairs(client, node, steps=steps, model=model)
+    with LedgerClient(url) as reader:
+        beacon = wait_for_next_beacon(reader)
+    return pairs, [check(client, verifier, pairs, beacon)], verifier
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +119,8 @@ def test_earn_spend_redeem_slash_cycle_and_balances_match_the_log(server: Ledger
 
 
 def test_a_double_report_over_http_credits_once(server: LedgerServer) -> None:
-    client_id, node, verifier = Identity.generate(), Identity.generate(), Identity.generate()
-    pairs = make_pairs(client_id, node, steps=3)
-    checks = [attest(client_id, verifier, pairs)]
+    client_id, node = Identity.generate(), Identity.generate()
+    pairs, checks, verifier = checked_session(server.url, client_id, node, steps=3)
     with LedgerClient(server.url, client_id) as ledger:
         first = ledger.submit_report(pairs, checks)[0]
         second = ledger.submit_report(pairs, checks)[0]
@@ -131,7 +146,8 @@ def signed_post(
 
 def test_forged_replayed_expired_and_unsigned_requests_are_refused(server: LedgerServer) -> None:
     client_id = Identity.generate()
-    body = attested_report(client_id, Identity.generate(), Identity.generate(), steps=2)
+    pairs, checks, _ = checked_session(server.url, client_id, Identity.generate(), steps=2)
+    body = report_body(pairs, checks)
     data = canonical(body)
     envelope = sign_envelope(client_id, "report", data)
     headers = envelope.to_headers()
@@ -215,6 +231,13 @@ def test_the_openapi_document_is_served_at_docs(server: LedgerServer) -> None:
         "/v1/proofs/consistency",
         "/v1/accounts/{key}",
         "/v1/top",
+        "/v1/beacon",
+        "/v1/beacon/{epoch}",
+        "/v1/serving",
+        "/v1/serving/withdraw",
+        "/v1/calibrations",
+        "/v1/calibrations/{model}",
+        "/v1/disputes",
     ):
         assert path in paths
 
@@ -266,7 +289,7 @@ def test_the_ledger_command_group_offers_serve_audit_and_the_readers() -> None:
     register(app)
     result = CliRunner().invoke(app, ["ledger", "--help"])
     assert result.exit_code == 0
-    for command in ("serve", "audit", "balance", "history", "top", "slash"):
+    for command in ("serve", "audit", "balance", "history", "top", "slash", "publish-tolerance"):
         assert command in result.output
     both = CliRunner().invoke(app, ["ledger", "audit"])
     assert both.exit_code != 0
@@ -288,6 +311,7 @@ def test_the_serve_command_serves_the_ledger_its_options_describe(tmp_path: Path
         "--workers": 1,
         "--verifier-fee-permille": 50,
         "--min-verifier-reputation": 1,
+        "--beacon-period-s": 7,
         "--referee-max-tokens": 64,
         "--max-evidence-bytes": 4096,
         "--seed-verifier": tmp_path / "seed.key",  # a key file; a hex key works too
@@ -320,6 +344,7 @@ def test_the_serve_command_serves_the_ledger_its_options_describe(tmp_path: Path
     rules = info["rules"]
     assert (rules["credit_per_block_token"], rules["ticket_price_per_block_token"]) == (3, 2)
     assert (rules["verifier_fee_permille"], rules["min_verifier_reputation"]) == (50, 1)
+    assert rules["beacon_period_s"] == 7
     assert info["limits"]["max_evidence_body_bytes"] == 4096
     assert info["referee"] is False
     assert seeded["reputation"] == 1 and seeded["name"] == "seed verifier"
@@ -343,6 +368,7 @@ def test_the_serve_command_offers_every_option() -> None:
         "--workers",
         "--verifier-fee-permille",
         "--min-verifier-reputation",
+        "--beacon-period-s",
         "--referee-model",
         "--referee-max-tokens",
         "--max-evidence-bytes",
@@ -353,8 +379,6 @@ def test_the_serve_command_offers_every_option() -> None:
 
 def test_two_server_processes_share_one_log_without_double_credit(tmp_path: Path) -> None:
     client_id, node = Identity.generate(), Identity.generate()
-    pairs = make_pairs(client_id, node, steps=4)
-    checks = [attest(client_id, Identity.generate(), pairs)]
     results: list[int] = []
 
     def submit() -> None:
@@ -365,6 +389,7 @@ def test_two_server_processes_share_one_log_without_double_credit(tmp_path: Path
     with running_server(
         tmp_path / "ledger.db", tmp_path / "ledger.key", extra=("--workers", "2")
     ) as server:
+        pairs, checks, _ = checked_session(server.url, client_id, node, steps=4)
         threads = [threading.Thread(target=submit) for _ in range(6)]
         for thread in threads:
             thread.start()

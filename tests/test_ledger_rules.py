@@ -1,7 +1,9 @@
 """The accounting rules, in process on a real SQLite file: credit for checked work, no double
 credit, tickets, slashing, reputation, replay protection; and the auditor agrees with the
-ledger after each. (Attestations in detail: test_ledger_attested.py; evidence:
-test_ledger_evidence.py.)"""
+ledger after each. (Checks in detail: test_ledger_checks_v2.py and test_ledger_attested.py;
+evidence: test_ledger_evidence.py; disputes: test_ledger_disputes.py.) VERIFIER declares
+serving every span the tests use before the ledger's clock enters the epoch whose beacon
+assigns every check here, so it is the assigned verifier of each."""
 
 from __future__ import annotations
 
@@ -14,7 +16,16 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ledger_fixtures import attest, made_up_evidence, make_pairs, pair_dicts, seed_identity
+from ledger_fixtures import (
+    check,
+    declare,
+    made_up_evidence,
+    make_pairs,
+    next_beacon,
+    pair_dicts,
+    seed_identity,
+    store_submitter,
+)
 
 from corolla.errors import BadReceipt, BadSignature, LedgerRefused
 from corolla.ledger.api.envelope import sign_envelope
@@ -51,11 +62,25 @@ def clock() -> Clock:
     return Clock()
 
 
+def checking(store: LedgerStore, clock: Clock) -> LedgerStore:
+    """``store`` once VERIFIER declared serving and a beacon epoch began."""
+    declare(store_submitter(store), VERIFIER)
+    next_beacon(store, clock)  # type: ignore[arg-type]
+    return store
+
+
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock) -> Any:
     ledger = LedgerStore(tmp_path / "ledger.db", LEDGER, clock=clock)
-    yield ledger
+    yield checking(ledger, clock)
     ledger.close()
+
+
+def attest(
+    store: LedgerStore, client: Identity, pairs: list[tuple[StepRequest, Receipt]]
+) -> Attestation:
+    """VERIFIER's passed check of all of ``pairs``, assigned by the current epoch's beacon."""
+    return check(client, VERIFIER, pairs, store.beacon())
 
 
 def submit(store: LedgerStore, author: Identity, action: str, body: Any) -> dict[str, Any]:
@@ -92,21 +117,21 @@ def report(
 def checked(store: LedgerStore, client: Identity, node: Identity, **options: Any) -> dict[str, Any]:
     """Report one node-session, fully checked by VERIFIER."""
     pairs = make_pairs(client, node, **options)
-    return report(store, client, pairs, [attest(client, VERIFIER, pairs)])
+    return report(store, client, pairs, [attest(store, client, pairs)])
 
 
 def test_checked_work_is_credited_per_block_token(store: LedgerStore) -> None:
     pairs = make_pairs(CLIENT, NODE_A, steps=4, start=2, end=6, prefill=5)
-    result = report(store, CLIENT, pairs, [attest(CLIENT, VERIFIER, pairs)])
+    result = report(store, CLIENT, pairs, [attest(store, CLIENT, pairs)])
     assert [p["credited_units"] for p in result["pairs"]] == [20, 4, 4, 4]
     assert balance(store, NODE_A.public_key) == 32
-    assert result["attestations"] == [{"attestation": 0, "counted": True, "fee": 3}]
+    assert result["attestations"] == [{"attestation": 0, "counted": True, "fee": 3, "units": 32}]
     audited(store.path)
 
 
 def test_a_double_report_of_the_same_receipts_credits_once(store: LedgerStore) -> None:
     pairs = make_pairs(CLIENT, NODE_A, steps=3)
-    checks = [attest(CLIENT, VERIFIER, pairs)]
+    checks = [attest(store, CLIENT, pairs)]
     report(store, CLIENT, pairs, checks)
     again = report(store, CLIENT, pairs, checks)
     assert again["entries"] == []
@@ -120,7 +145,7 @@ def test_a_failover_replay_earns_only_the_blocks_and_tokens_it_adds(store: Ledge
     checked(store, CLIENT, NODE_A, session=session, steps=3, start=0, end=4)
     # Node B replaces A and replays the same positions over a wider span, then goes on.
     replay = make_pairs(CLIENT, NODE_B, session=session, steps=4, start=0, end=6)
-    result = report(store, CLIENT, replay, [attest(CLIENT, VERIFIER, replay)])
+    result = report(store, CLIENT, replay, [attest(store, CLIENT, replay)])
     assert [p["credited_units"] for p in result["pairs"]] == [2 * 5, 2 * 1, 2 * 1, 6 * 1]
     assert balance(store, NODE_A.public_key) == 4 * 7
     assert balance(store, NODE_B.public_key) == 20
@@ -132,19 +157,19 @@ def test_a_forged_or_unbound_pair_is_refused_and_nothing_is_credited(store: Ledg
     request, receipt = pairs[1]
     forged = [pairs[0], (request, dataclasses.replace(receipt, tokens=9)), pairs[2]]
     with pytest.raises(BadSignature, match="pair 1"):
-        report(store, CLIENT, forged, [attest(CLIENT, VERIFIER, pairs)])
+        report(store, CLIENT, forged, [attest(store, CLIENT, pairs)])
     other = make_pairs(CLIENT, NODE_A, steps=1)[0][0]
     unbound = [(other, make_receipt(NODE_A, request, receipt.output_digest, bytes(32)))]
     with pytest.raises(BadReceipt, match="pair 0"):
         report(store, CLIENT, unbound, [])
-    assert store._reader.size() == 1
+    assert store._reader.size() == 3  # genesis, and the verifier declared serving
 
 
 def test_a_report_must_come_from_the_client_of_every_pair(store: LedgerStore) -> None:
     pairs = make_pairs(CLIENT, NODE_A, steps=2)
     with pytest.raises(BadReceipt, match="pair 0: the request is client"):
-        report(store, NODE_A, pairs, [attest(CLIENT, VERIFIER, pairs)])
-    assert store._reader.size() == 1
+        report(store, NODE_A, pairs, [attest(store, CLIENT, pairs)])
+    assert store._reader.size() == 3  # genesis, and the verifier declared serving
 
 
 def test_consecutive_steps_must_extend_the_chain_digest() -> None:
@@ -236,10 +261,11 @@ def test_slashing_takes_the_balance_zeroes_reputation_and_is_operator_only(
 
 def test_reputation_is_slow_to_earn_and_capped(tmp_path: Path, clock: Clock) -> None:
     store = LedgerStore(tmp_path / "l.db", LEDGER, clock=clock, rules=LedgerRules(reputation_cap=2))
+    checking(store, clock)
     pairs = make_pairs(CLIENT, NODE_A, steps=6)
     earned = []
     for steps in (2, 4, 6):  # one session checked and reported three times: +1 only once
-        result = report(store, CLIENT, pairs[:steps], [attest(CLIENT, VERIFIER, pairs[:steps])])
+        result = report(store, CLIENT, pairs[:steps], [attest(store, CLIENT, pairs[:steps])])
         earned.append(sum(p["credited_units"] for p in result["pairs"]))
     assert earned == [24, 8, 8]
     assert store._reader.account(NODE_A.public_key).reputation == 1  # type: ignore[union-attr]
@@ -269,7 +295,7 @@ def test_replayed_and_stale_requests_are_refused(store: LedgerStore, clock: Cloc
 
 def test_concurrent_reports_of_the_same_work_credit_it_once(store: LedgerStore) -> None:
     pairs = make_pairs(CLIENT, NODE_A, steps=5)
-    checks = [attest(CLIENT, VERIFIER, pairs)]
+    checks = [attest(store, CLIENT, pairs)]
     errors: list[BaseException] = []
 
     def worker() -> None:

@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 
 from corolla.errors import LedgerRefused
+from corolla.ledger.api.checks import Serving, calibration_to_wire
 from corolla.ledger.api.envelope import sign_envelope
 from corolla.ledger.api.models import Account, Draft
 from corolla.ledger.config import LedgerRules
-from corolla.ledger.state import INVARIANTS, LedgerState, MemoryState
-from corolla.ledger.store import LedgerStore, SqlState
+from corolla.ledger.memory import MemoryState
+from corolla.ledger.sql_state import SqlState
+from corolla.ledger.state import INVARIANTS, LedgerState
+from corolla.ledger.store import LedgerStore
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
 from corolla.verify.tickets import Ticket
+from corolla.verify.tolerance import Calibration
 
 NODE = b"\x01" * 32
 CLIENT = b"\x02" * 32
@@ -52,12 +56,31 @@ def bought() -> Draft:
     return Draft("ticket_bought", CLIENT, 0, TICKET.digest(), {"ticket": TICKET.to_value()})
 
 
-def fee(recomputation: bytes) -> Draft:
-    return Draft("verifier_fee", NODE, 1, recomputation, {"units": 1})
+def fee(*pieces: list[int]) -> Draft:
+    payload = {"client": CLIENT, "session": SESSION, "pieces": list(pieces), "units": 1}
+    return Draft("verifier_fee", NODE, 1, b"\x08" * 32, payload)
 
 
 def evidence(digest: bytes) -> Draft:
     return Draft("fraud_evidence", NODE, 0, digest, {"verdict": "unjudged"})
+
+
+def dispute(digest: bytes) -> Draft:
+    return Draft("dispute", NODE, 0, digest, {"judged": False})
+
+
+SERVING = Serving(b"\x0e" * 32, 0, 8, "fp32")
+
+
+def serving(kind: str, time: int = 5) -> Draft:
+    payload = {**SERVING.to_body(), "model": SERVING.model_digest, "time": time}
+    return Draft(kind, NODE, 0, b"", payload)
+
+
+def published(author: bytes) -> Draft:
+    calibration = Calibration(b"\x0e" * 32, "fp32", 10, 1e-6, 1e-6, 10.0, 2.0, "measured")
+    payload = {"calibration": calibration_to_wire(calibration), "time": 5}
+    return Draft("calibration_published", author, 0, calibration.model_digest, payload)
 
 
 @dataclass(frozen=True)
@@ -71,7 +94,7 @@ class Case:
 
 CASES = {
     "double registration": Case((register(NODE),), register(NODE), "already registered"),
-    "unregistered account": Case((), fee(b"\x08" * 32), "never registered"),
+    "unregistered account": Case((), fee([0, 1, 0, 1]), "never registered"),
     "negative balance": Case(
         (register(NODE),), Draft("slash", NODE, -1, b"\x09" * 32, {}), "negative"
     ),
@@ -96,8 +119,21 @@ CASES = {
         redeem(b"\x0a" * 32, 1),
         "already redeemed",
     ),
-    "double fee": Case((register(NODE), fee(b"\x0c" * 32)), fee(b"\x0c" * 32), "twice"),
-    "double evidence": Case((evidence(b"\x0d" * 32),), evidence(b"\x0d" * 32), "evidence twice"),
+    "double fee": Case((register(NODE), fee([0, 4, 0, 4])), fee([2, 3, 3, 9]), "same positions"),
+    "overlapping pieces in one fee": Case(
+        (register(NODE),), fee([0, 2, 0, 2], [1, 2, 1, 3]), "same positions"
+    ),
+    "double evidence": Case((evidence(b"\x0d" * 32),), evidence(b"\x0d" * 32), "evidence or"),
+    "a dispute twice": Case((dispute(b"\x0d" * 32),), evidence(b"\x0d" * 32), "dispute twice"),
+    "declared twice": Case(
+        (register(NODE), serving("serving_declared")), serving("serving_declared", 9), "already"
+    ),
+    "withdrawn undeclared": Case(
+        (register(NODE), serving("serving_declared"), serving("serving_withdrawn")),
+        serving("serving_withdrawn", 9),
+        "not in force",
+    ),
+    "calibration by another": Case((), published(NODE), "not the ledger's"),
 }
 
 
@@ -115,7 +151,7 @@ def make_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State
     """A fresh, empty state of either kind (the SQL one inside an open write transaction, as
     the store uses it)."""
     if request.param == "memory":
-        yield lambda: MemoryState(b"\x04" * 32, LedgerRules())
+        yield lambda: MemoryState(b"\x04" * 32, LedgerRules(), "test")
         return
     store = LedgerStore(tmp_path / "ledger.db", Identity.generate())
     envelope = sign_envelope(store.identity, "register", canonical({"name": ""}))
@@ -135,8 +171,10 @@ def snapshot(state: LedgerState) -> tuple[object, ...]:
     accounts: list[Account | None] = [state.account(key) for key in keys]
     ticket = state.ticket(TICKET.digest())
     covered = state.covered(CLIENT, SESSION, (0, 10, 0, 10))
+    paid = state.paid(NODE, CLIENT, SESSION, (0, 10, 0, 10))
+    servers = state.servers(SERVING, 10)
     size = state.next_seq if isinstance(state, SqlState) else len(state.drafts)  # type: ignore[attr-defined]
-    return (*accounts, ticket, sorted(covered), size)
+    return (*accounts, ticket, sorted(covered), sorted(paid), servers, size)
 
 
 @pytest.mark.parametrize("name", list(CASES))

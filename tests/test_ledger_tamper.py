@@ -15,26 +15,35 @@ import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ledger_fixtures import (
-    attest,
-    attested_report,
+    MODEL,
+    Clock,
+    check,
+    declare,
+    declare_over_http,
+    made_up_dispute,
     made_up_evidence,
     make_pairs,
+    next_beacon,
     pair_dicts,
     running_server,
     seed_identity,
+    store_submitter,
+    wait_for_next_beacon,
 )
 from typer.testing import CliRunner, Result
 
+from corolla.ledger.api.checks import Serving, calibration_to_wire
 from corolla.ledger.api.client import LedgerClient
-from corolla.ledger.api.envelope import sign_envelope
 from corolla.ledger.api.models import Entry, b64encode
+from corolla.ledger.api.reports import report_body
 from corolla.ledger.cli import register
-from corolla.ledger.entries import raw_leaf_hash
+from corolla.ledger.entries import KINDS, raw_leaf_hash
 from corolla.ledger.reader import LedgerReader
 from corolla.ledger.store import LedgerStore
-from corolla.verify.encoding import INT_MAX, INT_MIN, canonical
+from corolla.verify.encoding import INT_MAX, INT_MIN
 from corolla.verify.identity import Identity, save_identity
 from corolla.verify.tickets import Ticket
+from corolla.verify.tolerance import Calibration
 
 LEDGER = seed_identity("ledger")
 CLIENT = seed_identity("client")
@@ -45,16 +54,27 @@ VERIFIER = seed_identity("verifier")
 
 def build_ledger(path: Path) -> None:
     """A small log with every kind of entry."""
-    store = LedgerStore(path, LEDGER)
+    clock = Clock()
+    store = LedgerStore(path, LEDGER, clock=clock)
+    submit = store_submitter(store)
 
-    def submit(author: Identity, action: str, body: Any) -> dict[str, Any]:
-        data = canonical(body)
-        return store.submit(sign_envelope(author, action, data), body)
+    def checked(client: Identity, node: Identity, steps: int) -> dict[str, Any]:
+        pairs = make_pairs(client, node, steps=steps)
+        attestation = check(client, VERIFIER, pairs, store.beacon())
+        return submit(client, "report", report_body(pairs, [attestation]))
 
     try:
         submit(NODE_A, "register", {"name": "node-a"})
-        submit(CLIENT, "report", attested_report(CLIENT, NODE_A, VERIFIER, steps=3))
-        submit(NODE_A, "report", attested_report(NODE_A, CLIENT, VERIFIER, steps=4))
+        declare(submit, VERIFIER)
+        declare(submit, NODE_B)
+        submit(NODE_B, "serving-withdraw", Serving(MODEL, 0, 64, "fp32").to_body())
+        calibration = Calibration(MODEL, "int8", 10_000, 2e-4, 1e-4, 4.0, 2.0, "measured")
+        submit(LEDGER, "calibrate", {"calibrations": [calibration_to_wire(calibration)]})
+        next_beacon(store, clock)
+        checked(CLIENT, NODE_A, 3)
+        checked(NODE_A, CLIENT, 4)
+        dispute = made_up_dispute(NODE_A, NODE_B, VERIFIER)
+        submit(NODE_A, "dispute", {"dispute": b64encode(dispute.to_bytes())})
         bought = submit(CLIENT, "buy-ticket", {"budget": 8, "ttl_s": 600})
         ticket = Ticket.from_dict(bought["ticket"]).digest()
         ticketed = make_pairs(CLIENT, NODE_B, steps=2, prefill=4, ticket=ticket)
@@ -106,6 +126,43 @@ def test_an_untouched_ledger_passes_the_audit_with_a_summary(db: Path) -> None:
     assert result.exit_code == 0
     assert "audit of corolla-ledger passed" in result.output
     assert "receipts re-verified" in result.output
+
+
+def test_the_log_holds_every_kind_of_entry(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        kinds = {row[0] for row in conn.execute("SELECT DISTINCT kind FROM entries")}
+    assert kinds == set(KINDS)
+
+
+def test_a_check_the_ledger_counted_from_a_forged_serving_table_fails_the_audit(
+    db: Path,
+) -> None:
+    # The operator slips a verifier of its choice into the cached declarations...
+    rogue = seed_identity("rogue-verifier")
+    tamper(
+        db,
+        (
+            "INSERT INTO serving VALUES (10000, ?, ?, 0, 64, 'fp32', 0, ?)",
+            (rogue.public_key, MODEL, 2**62),
+        ),
+    )
+    # ...so the ledger counts that verifier's check of a session...
+    clock = Clock()
+    store = LedgerStore(db, LEDGER, clock=clock)
+    try:
+        beacon = next_beacon(store, clock)
+        pairs = make_pairs(CLIENT, seed_identity("node-c"), steps=2)
+        body = report_body(pairs, [check(CLIENT, rogue, pairs, beacon)])
+        result = store_submitter(store)(CLIENT, "report", body)
+        assert [pair["credited_units"] for pair in result["pairs"]] == [20, 4]
+        seq = result["entries"][0]
+    finally:
+        store.close()
+    # ...and the auditor, who rebuilds the declarations from the log, finds it was not assigned.
+    audited = run_audit("--db", str(db))
+    assert audited.exit_code == 1
+    assert f"entry {seq}: its operation breaks the rules: attestation 0:" in audited.output
+    assert "had not declared serving" in audited.output
 
 
 def test_changing_one_amount_fails_the_audit_naming_the_entry(db: Path) -> None:
@@ -218,9 +275,11 @@ def test_a_ledger_that_rewrites_history_between_two_audits_is_caught(tmp_path: P
 
     def checked(ledger: LedgerClient, steps: int) -> None:
         pairs = make_pairs(CLIENT, node, steps=steps)
-        ledger.submit_report(pairs, [attest(CLIENT, VERIFIER, pairs)])
+        ledger.submit_report(pairs, [check(CLIENT, VERIFIER, pairs, ledger.beacon())])
 
     with running_server(db, key) as server, LedgerClient(server.url, CLIENT) as ledger:
+        declare_over_http(server.url, VERIFIER)
+        wait_for_next_beacon(ledger)
         checked(ledger, 2)
         shutil.copy(db, tmp_path / "before.db")  # a consistent snapshot (WAL checkpointed)
         for path in ("-wal", "-shm"):

@@ -13,18 +13,20 @@ from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from swarm_fixtures import Swarm
 
-from corolla.errors import BadReceipt, BadSignature, CorollaError, InvalidInput
+from corolla.errors import BadReceipt, BadSignature, CorollaError, InvalidInput, NodeUnavailable
 from corolla.node.model.checkpoint import Checkpoint
 from corolla.node.model.manifest import Manifest, load_manifest
 from corolla.node.model.span import Span, load_span
 from corolla.node.model.tiny import TinyModelConfig, create_tiny_model
-from corolla.node.protocol.messages import StepMessage
+from corolla.node.protocol.messages import OpenSession, StepMessage
+from corolla.node.protocol.p2p_options import p2p_options
 from corolla.node.protocol.records import RecordValidator, fetch_records
-from corolla.node.protocol.stream import request_forward, request_info
-from corolla.node.service import Behaviour
+from corolla.node.protocol.stream import InferenceStream, request_forward, request_info
+from corolla.node.service import Behaviour, NodeService
 from corolla.simulations.adversaries import (
     ADVERSARIES,
     AdversaryOptions,
+    Hang,
     Selective,
     WrongModel,
     WrongQuant,
@@ -222,6 +224,8 @@ def test_every_listed_adversary_can_be_made(llama_dir):
     options = {
         "wrong-model": AdversaryOptions(wrong_model=llama_dir),
         "selective": AdversaryOptions(cheat_fraction=0.5),
+        "colluding-verifier": AdversaryOptions(accomplice="ab" * 32),
+        "steering": AdversaryOptions(steer_model=llama_dir),
     }
     made = {make_behaviour(name, options.get(name)).name for name in ADVERSARIES}
     assert made == set(ADVERSARIES)
@@ -317,11 +321,66 @@ def test_selective_wrong_model_keeps_the_session_running_on_honest_steps(span, o
     assert all(torch.isfinite(output).all() for output in outputs)
 
 
+# --------------------------------------------------------------------------- a hanging node
+
+
+async def _until(condition, timeout: float = 60.0) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; returns whether it held."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_hang_answers_its_first_steps_then_accepts_the_next_and_never_answers(daemons, span):
+    server, peer = daemons
+    behaviour = Hang(answered=2)
+    service = NodeService(span, NODE, behaviour=behaviour)
+    await service.add_handlers(server)
+    stream = InferenceStream(peer, server.peer_id)
+    session_id, position, cache = os.urandom(16), 0, span.new_cache(1)
+    try:
+        await stream.open(OpenSession(session_id, 1, 32, 0, 4, CLIENT.public_key), timeout=30)
+        for step, hidden in enumerate(_inputs(3)):
+            request = _request(
+                hidden,
+                session_id=session_id,
+                step=step,
+                position=position,
+                blocks=(0, 4),
+                manifest=span.manifest,
+            )
+            position += hidden.shape[1]
+            if step < 2:
+                reply = await stream.step(StepMessage(request, hidden), timeout=30)
+                assert torch.equal(reply.hidden, span.forward(hidden, cache))
+                continue
+            with pytest.raises(NodeUnavailable, match="did not answer within"):
+                await stream.step(StepMessage(request, hidden), timeout=2)
+        assert await _until(lambda: behaviour.held == 1), "the third step never reached compute"
+        # Held, not refused or lost: a one-shot forward waits behind it as well.
+        hidden = _inputs(1)[0]
+        forward = StepMessage(_request(hidden, blocks=(0, 4), manifest=span.manifest), hidden)
+        with pytest.raises(NodeUnavailable, match="did not answer"):
+            await request_forward(peer, server.peer_id, forward, timeout=2)
+        assert behaviour.held == 1
+    finally:
+        behaviour.release()
+        await stream.abort()
+        await service.remove_handlers(server)
+        service.shutdown()
+
+
 # --------------------------------------------------------------------------- a real process
 
 
 def _reader(initial_peers: list[str]) -> DHT:
     return DHT(
+        **p2p_options(),
         initial_peers=initial_peers,
         start=True,
         client_mode=True,

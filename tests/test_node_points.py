@@ -4,20 +4,24 @@ server; a ledger that is down is a warning line, never the node's end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
-from ledger_fixtures import attest, free_port, make_pairs, running_server
+from ledger_fixtures import earn, free_port, running_server
 from swarm_fixtures import Swarm
 
 import corolla.simulations.ledger_process as ledger_process
 from corolla.cli import main
 from corolla.ledger.api.client import AsyncLedgerClient, ClientConfig, LedgerClient
 from corolla.node.balance_watch import POINTS_PREFIX, PointsWatcher
+from corolla.node.protocol.p2p_options import p2p_options
 from corolla.node.protocol.records import RecordValidator
 from corolla.node.protocol.stream import request_info
 from corolla.verify.identity import Identity, load_identity
@@ -28,10 +32,8 @@ pytestmark = pytest.mark.timeout(240)
 def _credited(url: str, node: Identity, steps: int = 3) -> int:
     """A client reports a session of ``node``'s that a verifier checked: the ledger credits the
     node. Returns the node's new balance."""
-    client = Identity.generate()
-    pairs = make_pairs(client, node, steps=steps)
-    with LedgerClient(url, client) as ledger:
-        ledger.submit_report(pairs, [attest(client, Identity.generate(), pairs)])
+    earn(url, Identity.generate(), node, steps=steps)
+    with LedgerClient(url) as ledger:
         return ledger.balance(node.public_key)
 
 
@@ -79,6 +81,7 @@ def _reader(initial_peers: list[str]) -> DHT:
         start=True,
         client_mode=True,
         record_validators=[RecordValidator()],
+        **p2p_options(),
     )
 
 
@@ -110,11 +113,33 @@ def test_a_node_with_a_ledger_shows_the_points_it_earns_live(bloom_dir: Path, tm
         assert node.stop() == 0
 
 
+async def _until(condition: Callable[[], bool], seconds: float) -> None:
+    """Wait until `condition()` holds; AssertionError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the condition never held in {seconds:g} s")
+        await asyncio.sleep(0.05)
+
+
 async def test_a_simulated_node_whose_ledger_is_down_warns_once_and_serves(
     bloom_dir: Path, tmp_path: Path
 ):
-    down = f"http://127.0.0.1:{free_port()}"
-    with Swarm(tmp_path / "swarm") as swarm:
+    # The ledger's port is bound but not listening, so the node's requests are refused. Once
+    # the node has warned, the port listens, reads each request and drops it unanswered: the
+    # ledger stays down, and the test sees the node go on polling it.
+    dead = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dead.bind(("127.0.0.1", 0))
+    down = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    paths: list[str] = []
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            paths.append(head.split(b" ", 2)[1].decode())
+        writer.close()
+
+    with dead, Swarm(tmp_path / "swarm") as swarm:
         node = swarm.start(
             bloom_dir,
             blocks="0:2",
@@ -126,7 +151,13 @@ async def test_a_simulated_node_whose_ledger_is_down_warns_once_and_serves(
             _wait_for_line, node, lambda line: line.startswith("warning: ledger")
         )
         assert down in warning
-        await asyncio.sleep(2.0)  # a few more polls of the dead ledger
+        balance = f"/v1/accounts/{load_identity(node.identity).public_key.hex()}"
+        server = await asyncio.start_server(drop, sock=dead)
+        try:  # a few more polls of the dead ledger
+            await _until(lambda: paths.count(balance) >= 3, seconds=60)
+        finally:
+            server.close()
+            await server.wait_closed()
         dht = await asyncio.to_thread(_reader, swarm.initial_peers)
         try:
             p2p = await dht.replicate_p2p()
@@ -137,6 +168,7 @@ async def test_a_simulated_node_whose_ledger_is_down_warns_once_and_serves(
         assert (info.start, info.end) == (0, 2)
         assert node.process.poll() is None
         assert sum(line.startswith("warning: ledger") for line in node.lines) == 1
+        assert not any(line.startswith(POINTS_PREFIX) for line in node.lines)
         assert node.stop() == 0
 
 

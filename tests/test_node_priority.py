@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 import torch
 from hivemind.p2p import P2P, PeerID
-from ledger_fixtures import attest, free_port, make_pairs, running_server, seed_identity
+from ledger_fixtures import earn, free_port, make_pairs, running_server, seed_identity
 from swarm_fixtures import Swarm
 
 from corolla.cli import main
@@ -32,6 +32,7 @@ from corolla.ledger.api.client import AsyncLedgerClient, LedgerClient
 from corolla.node.behaviour import Behaviour
 from corolla.node.model.span import Span, load_span
 from corolla.node.protocol.messages import OpenSession, SessionOpened, StepMessage, StepOutput
+from corolla.node.protocol.p2p_options import p2p_options
 from corolla.node.protocol.stream import InferenceStream, request_forward, request_info
 from corolla.node.scheduler import Priority, SchedulerConfig
 from corolla.node.service import NodeService, ServiceConfig
@@ -58,11 +59,11 @@ def span(bloom_dir) -> Span:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def daemons():
     """Two node daemons and a client daemon that knows both."""
-    first = await P2P.create()
-    second = await P2P.create()
+    first = await P2P.create(**p2p_options())
+    second = await P2P.create(**p2p_options())
     try:
         maddrs = [*await first.get_visible_maddrs(), *await second.get_visible_maddrs()]
-        client = await P2P.create(initial_peers=maddrs)
+        client = await P2P.create(**p2p_options(), initial_peers=maddrs)
         try:
             yield first, second, client
         finally:
@@ -486,10 +487,7 @@ async def test_the_ticket_book_keeps_a_bounded_backlog_dropping_the_oldest():
 
 def _fund(url: str, client: Identity) -> None:
     """``client`` earns 28 points serving someone else, checked by a verifier."""
-    someone = Identity.generate()
-    pairs = make_pairs(someone, client, steps=3, prefill=5)
-    with LedgerClient(url, someone) as ledger:
-        ledger.submit_report(pairs, [attest(someone, Identity.generate(), pairs)])
+    earn(url, Identity.generate(), client, steps=3, prefill=5)
 
 
 def _bought(url: str, client: Identity, budget: int) -> Ticket:
@@ -581,7 +579,7 @@ async def test_a_node_process_honours_tickets_of_its_ledger_and_redeems_them(
             _wait_for_line, node, lambda line: line.startswith("tickets: ")
         )
         assert tickets == f"tickets: honoured when signed by ledger {ledger_name}"
-        p2p = await P2P.create(initial_peers=[node.maddr])
+        p2p = await P2P.create(**p2p_options(), initial_peers=[node.maddr])
         try:
             client = Client(span, payer, ticket)
             stream = InferenceStream(p2p, PeerID.from_base58(node.peer_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import os
 import signal
@@ -20,10 +21,11 @@ from corolla.errors import BadReceipt, BadSignature
 from corolla.node.model.checkpoint import Checkpoint
 from corolla.node.model.manifest import load_manifest
 from corolla.node.protocol.messages import OpenSession, StepMessage
+from corolla.node.protocol.p2p_options import p2p_options
 from corolla.node.protocol.records import NodeState, RecordValidator, ServerRecord, fetch_records
 from corolla.node.protocol.stream import InferenceStream
-from corolla.node.run_cli import node_config, run, with_node_options
-from corolla.node.server import NodeConfig
+from corolla.node.run_cli import NodeOptions, run
+from corolla.simulations.node_cli import SimulatedNodeOptions
 from corolla.simulations.node_cli import node as simulate_node
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
@@ -41,6 +43,7 @@ def node_swarm(tmp_path):
 
 def _reader(initial_peers: list[str]) -> DHT:
     return DHT(
+        **p2p_options(),
         initial_peers=initial_peers,
         start=True,
         client_mode=True,
@@ -112,19 +115,15 @@ def test_bad_options_are_one_line_errors(bloom_dir, tmp_path, capsys, command, a
 
 
 def test_both_node_commands_take_the_node_options_declared_once():
-    node_options = set(inspect.signature(node_config).parameters)
+    node_options = {field.name for field in dataclasses.fields(NodeOptions)}
     assert set(inspect.signature(run).parameters) == node_options
     simulated = inspect.signature(simulate_node).parameters
     assert set(simulated) == node_options | {
         "adversary", "perturbation", "cheat_with", "cheat_fraction", "target_client",
-        "wrong_model", "wrong_quant", "seed",
+        "wrong_model", "wrong_quant", "seed", "accomplice", "target_node", "steer_token",
     }  # fmt: skip
     assert [name for name, p in simulated.items() if p.default is p.empty] == ["model", "adversary"]
-
-    def clash(config: NodeConfig, port: int = 0) -> None: ...
-
-    with pytest.raises(TypeError, match="redeclares node options: port"):
-        with_node_options(clash)
+    assert not set(SimulatedNodeOptions.__annotations__) & node_options  # adds, redeclares none
 
 
 def test_missing_model_is_a_one_line_error_from_the_real_command(tmp_path):

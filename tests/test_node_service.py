@@ -24,15 +24,12 @@ from corolla.node.protocol.messages import (
     HANDLE_INFERENCE,
     HANDLE_INFO,
     KIND_FORWARD,
-    MESSAGE_CAP_BYTES,
-    Message,
     OpenSession,
     StepMessage,
     StepOutput,
-    WireLimits,
-    encode_message,
 )
 from corolla.node.protocol.stream import InferenceStream, read_reply, request_forward, request_info
+from corolla.node.protocol.tensors import MESSAGE_CAP_BYTES, Message, WireLimits, encode_message
 from corolla.node.service import NodeService, ServiceConfig
 from corolla.node.sessions import SessionConfig
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
@@ -230,6 +227,32 @@ async def test_a_one_shot_forward_stream_stays_open_after_the_reply_until_the_cl
                 await asyncio.wait_for(reader.read(1), 0.5)
         finally:
             writer.close()
+
+
+async def test_a_subclass_of_the_service_serves_the_same_protocol_under_any_class_name(
+    daemons, span
+):
+    server, peer = daemons
+
+    class RenamedService(NodeService):
+        """E.g. an adversary's service: hivemind would derive other handler names from it."""
+
+    service = RenamedService(span, Identity.generate())
+    await service.add_handlers(server)
+    try:
+        assert (await request_info(peer, server.peer_id, timeout=TIMEOUT)).start == span.start
+        client = Client(span)
+        async with session(daemons, service, client) as stream:
+            await client.good_step(stream, service.identity.public_key, tokens=2)
+        hidden = client.hidden(3)
+        one_shot = client.step(hidden, step=0, position=0)
+        output = await request_forward(peer, server.peer_id, one_shot)
+        assert torch.equal(output.hidden, span.forward(hidden))
+    finally:
+        await service.remove_handlers(server)
+        service.shutdown()
+    with pytest.raises(NodeUnavailable):  # removed under the same names
+        await request_info(peer, server.peer_id, timeout=5)
 
 
 async def test_batched_session_works(daemons, serve, span):

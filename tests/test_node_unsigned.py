@@ -1,11 +1,14 @@
-"""The benchmark-only unsigned node (COROLLA_BENCHMARK_UNSIGNED=1): it checks no signature and
-signs nothing, and a normal client refuses it."""
+"""The benchmarks' unsigned node (``benchmarks/unsigned.py``): it checks no signature and signs
+nothing, it is reached only through an explicit config, and a normal node or client refuses it
+whatever the environment says."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,13 +24,27 @@ from corolla.errors import BadSignature, RemoteError
 from corolla.node.model.span import load_span
 from corolla.node.protocol.messages import OpenSession, StepMessage
 from corolla.node.protocol.stream import InferenceStream, request_forward
-from corolla.node.service import BENCHMARK_UNSIGNED_ENV, NodeService, ServiceConfig
+from corolla.node.service import NodeService, ServiceConfig
 from corolla.verify.digests import GENESIS_CHAIN, tensor_digest
 from corolla.verify.identity import Identity
 from corolla.verify.receipts import sign_request, verify_receipt
 from corolla.version import PROTOCOL_VERSION
 
 ASYNC = pytest.mark.asyncio(loop_scope="module")
+OLD_SWITCH = "COROLLA_BENCHMARK_UNSIGNED"
+"""The environment variable that once switched signatures off; it must change nothing now."""
+
+
+def _benchmark_module():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "unsigned.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_unsigned", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+unsigned = _benchmark_module()
 
 
 def _zero_signed_step(span, session_id: bytes, hidden: torch.Tensor) -> StepMessage:
@@ -49,9 +66,9 @@ def _zero_signed_step(span, session_id: bytes, hidden: torch.Tensor) -> StepMess
 
 
 @contextlib.asynccontextmanager
-async def _serving(daemons, span, unsigned: bool):
+async def _serving(daemons, span, config: ServiceConfig, behaviour=None):
     server, _ = daemons
-    service = NodeService(span, Identity.generate(), ServiceConfig(benchmark_unsigned=unsigned))
+    service = NodeService(span, Identity.generate(), config, behaviour)
     await service.add_handlers(server)
     try:
         yield service
@@ -61,7 +78,7 @@ async def _serving(daemons, span, unsigned: bool):
 
 
 @ASYNC
-async def test_an_unsigned_node_serves_unsigned_steps_with_all_zero_receipt_signatures(
+async def test_the_benchmarks_unsigned_node_serves_unsigned_steps_with_all_zero_receipts(
     daemons, bloom_dir
 ):
     server, peer = daemons
@@ -69,7 +86,8 @@ async def test_an_unsigned_node_serves_unsigned_steps_with_all_zero_receipt_sign
     hidden = torch.randn(1, 3, 64)
     session_id = os.urandom(16)
     step = _zero_signed_step(span, session_id, hidden)
-    async with _serving(daemons, span, unsigned=True) as service:
+    config = ServiceConfig(benchmark_unsigned=True)
+    async with _serving(daemons, span, config, unsigned.UnsignedBehaviour()) as service:
         async with InferenceStream(peer, server.peer_id) as stream:
             await stream.open(OpenSession(session_id, 1, 16, 0, 2, step.request.client_key), 30)
             output = await stream.step(step, 30)
@@ -90,12 +108,19 @@ async def test_an_unsigned_node_serves_unsigned_steps_with_all_zero_receipt_sign
 
 
 @ASYNC
-async def test_a_normal_node_refuses_the_same_unsigned_steps(daemons, bloom_dir):
+@pytest.mark.parametrize("switch", [None, "1"])
+async def test_a_normal_node_refuses_unsigned_steps_whatever_the_environment(
+    daemons, bloom_dir, monkeypatch, switch
+):
+    if switch is None:
+        monkeypatch.delenv(OLD_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(OLD_SWITCH, switch)
     server, peer = daemons
     span = load_span(bloom_dir, 0, 2)
     session_id = os.urandom(16)
     step = _zero_signed_step(span, session_id, torch.randn(1, 3, 64))
-    async with _serving(daemons, span, unsigned=False):
+    async with _serving(daemons, span, ServiceConfig()):
         async with InferenceStream(peer, server.peer_id) as stream:
             await stream.open(OpenSession(session_id, 1, 16, 0, 2, step.request.client_key), 30)
             with pytest.raises(RemoteError, match="signature"):
@@ -107,30 +132,32 @@ async def test_a_normal_node_refuses_the_same_unsigned_steps(daemons, bloom_dir)
 PROMPT = "Signatures cost what?"
 
 
-@pytest.mark.timeout(240)
-def test_a_normal_client_rejects_an_unsigned_node_and_routes_around_it(
+@pytest.mark.timeout(300)
+def test_a_normal_client_rejects_an_unsigned_node_and_normal_nodes_stay_signed_in_any_environment(
     bloom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.delenv(BENCHMARK_UNSIGNED_ENV, raising=False)  # this client signs and checks
+    monkeypatch.setenv(OLD_SWITCH, "1")  # the client and every node process inherit it
     config = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
     with Swarm(tmp_path / "swarm") as swarm:
-        swarm.start(bloom_dir, blocks="0:2")
-        unsigned = swarm.start(bloom_dir, blocks="2:4", env={BENCHMARK_UNSIGNED_ENV: "1"})
+        first = swarm.start(bloom_dir, blocks="0:2")
+        bad = swarm.start(bloom_dir, blocks="2:4", program=unsigned.UNSIGNED_NODE_PROGRAM)
         honest = swarm.start(bloom_dir, blocks="2:4")
-        assert f"WARNING: {BENCHMARK_UNSIGNED_ENV}=1" in unsigned.output
+        assert "NO client signature" in bad.output
+        assert "NO client signature" not in first.output + honest.output
         client = ClientConfig(
             initial_peers=tuple(swarm.initial_peers),
             identity=tmp_path / "client.key",
             step_timeout=15.0,
+            prefer=frozenset({bad.peer_id}),  # the unsigned node goes first
         )
         with DistributedModelForCausalLM.from_pretrained(bloom_dir, config=client) as model:
-            model.backbone.swarm.rtts[honest.peer_id] = 10.0  # the unsigned node goes first
             input_ids = model.tokenizer(PROMPT, return_tensors="pt").input_ids
             tokens = model.generate(input_ids, config)
-            session = model.backbone.last_session
-    assert [f.peer_id for f in session.failovers] == [unsigned.peer_id]
-    assert "BadSignature" in session.failovers[0].reason
-    assert unsigned.peer_id not in {w.peer_id for w in session.work}
+            log = model.backbone.last_session.log
+    assert [f.peer_id for f in log.failovers] == [bad.peer_id]
+    assert "BadSignature" in log.failovers[0].reason
+    assert bad.peer_id not in {w.peer_id for w in log.work}
+    assert {w.peer_id for w in log.work} == {first.peer_id, honest.peer_id}
     head = load_head(bloom_dir)
     assert torch.equal(
         tokens, generate(head, LocalBackbone.load(bloom_dir, [(0, 4)]), input_ids, config)

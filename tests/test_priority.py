@@ -65,8 +65,8 @@ def test_earned_points_buy_a_ticket_that_a_loaded_node_honours_and_is_paid_from(
             paid_tokens, _ = step_times(paid, PROMPT, CONFIG)
             overtaken = paid.backbone.node_info(busy.peer_id).overtaken - overtaken_before
             free_tokens, _ = step_times(free, PROMPT, CONFIG)
-            granted = paid.backbone.last_session.granted
-            units = sum(work_units(w.request) for w in paid.backbone.last_session.work)
+            granted = paid.backbone.last_session.log.granted
+            units = sum(work_units(w.request) for w in paid.backbone.last_session.log.work)
         with LedgerClient(ledger.url) as api:
             deadline = time.monotonic() + 30
             while api.ticket(bought.ticket.digest())[1] < units and time.monotonic() < deadline:

@@ -33,8 +33,10 @@ def test_an_unknown_name_is_an_attribute_error():
 
 
 def test_importing_the_verification_layer_loads_neither_torch_nor_hivemind():
+    """The ledger reads thresholds, calibrations, verdicts and assignments without torch."""
     code = (
         "import sys, corolla, corolla.verify.receipts, corolla.ledger.api.envelope\n"
+        "import corolla.verify.tolerance, corolla.verify.assignment, corolla.verify.verdicts\n"
         "print(sorted(m for m in ('torch', 'hivemind') if m in sys.modules))\n"
     )
     result = subprocess.run(

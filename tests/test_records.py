@@ -10,6 +10,7 @@ from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from corolla.errors import BadSignature, InvalidInput
+from corolla.node.protocol.p2p_options import p2p_options
 from corolla.node.protocol.records import (
     NodeState,
     RecordValidator,
@@ -148,6 +149,7 @@ def two_dhts(tmp_path):
     key_file = tmp_path / "node.libp2p"
     write_libp2p_identity(identity, key_file)
     first = DHT(
+        **p2p_options(),
         start=True,
         host_maddrs=["/ip4/127.0.0.1/tcp/0"],
         identity_path=str(key_file),
@@ -157,6 +159,7 @@ def two_dhts(tmp_path):
     try:
         peers = [str(addr) for addr in first.get_visible_maddrs()]
         second = DHT(
+            **p2p_options(),
             initial_peers=peers,
             start=True,
             host_maddrs=["/ip4/127.0.0.1/tcp/0"],
@@ -214,7 +217,9 @@ async def test_nobody_can_overwrite_a_nodes_entry_in_validating_dhts(two_dhts):
     honest = _record(identity, ttl=30)
     assert await announce(first, honest)
     peers = [str(addr) for addr in first.get_visible_maddrs()]
-    attacker = DHT(initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    attacker = DHT(
+        **p2p_options(), initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]
+    )
     try:
         forger = Identity.generate()
         forged = dataclasses.replace(honest, public_key=forger.public_key, throughput=1e6)

@@ -21,11 +21,26 @@ def executor():
         yield pool
 
 
-async def _blocked(scheduler: PriorityScheduler, gate: threading.Event) -> asyncio.Task:
-    """Occupy the worker until `gate` is set, so later jobs queue up."""
-    task = asyncio.ensure_future(scheduler.run(Priority.FREE, gate.wait))
-    while not scheduler.served:
+async def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait until `condition()` holds; AssertionError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the condition never held in {seconds:g} s")
         await asyncio.sleep(0.001)
+
+
+async def _blocked(scheduler: PriorityScheduler, gate: threading.Event) -> asyncio.Task:
+    """Occupy the worker until `gate` is set, so later jobs queue up; returns once the blocking
+    job runs on the compute thread."""
+    started = threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(60)  # bounded: a failed test must not leave the executor stuck
+
+    task = asyncio.ensure_future(scheduler.run(Priority.FREE, hold))
+    await _until(started.is_set)
     return task
 
 
@@ -44,7 +59,7 @@ async def test_ticketed_jobs_overtake_queued_free_jobs_fifo_within_a_class(execu
             ("paid-2", Priority.HIGH),
         ]
     ]
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued() == 5)
     gate.set()
     await asyncio.gather(blocker, *jobs)
     assert order == ["paid-1", "paid-2", "free-1", "free-2", "free-3"]
@@ -55,11 +70,11 @@ async def test_a_flood_of_free_jobs_is_refused_busy_but_ticketed_jobs_still_get_
     gate = threading.Event()
     blocker = await _blocked(scheduler, gate)
     free = [asyncio.ensure_future(scheduler.run(Priority.FREE, lambda: "f")) for _ in range(4)]
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.FREE) == 4)
     with pytest.raises(NodeBusy, match="busy"):
         await scheduler.run(Priority.FREE, lambda: "one too many")
     paid = [asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: "p")) for _ in range(2)]
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 2)
     with pytest.raises(NodeBusy, match="busy"):
         await scheduler.run(Priority.HIGH, lambda: "queue full")
     gate.set()
@@ -87,7 +102,7 @@ async def test_served_records_how_many_waiting_jobs_each_overtook(executor):
         asyncio.ensure_future(scheduler.run(priority, lambda: None))
         for priority in (Priority.FREE, Priority.FREE, Priority.HIGH, Priority.FREE)
     ]
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued() == 4)
     gate.set()
     await asyncio.gather(blocker, *jobs)
     started = [(job.priority, job.overtook) for job in list(scheduler.served)[1:]]
@@ -105,14 +120,14 @@ async def test_a_request_that_leaves_the_queue_frees_its_place(executor):
     gate = threading.Event()
     blocker = await _blocked(scheduler, gate)
     waiting = asyncio.ensure_future(scheduler.run(Priority.FREE, lambda: "left"))
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued() == 1)
     with pytest.raises(NodeBusy):
         await scheduler.run(Priority.FREE, lambda: "no room")
     waiting.cancel()
-    await asyncio.sleep(0.01)
+    await _until(waiting.done)  # the request has left
     assert scheduler.queued() == 0
     later = asyncio.ensure_future(scheduler.run(Priority.FREE, lambda: "room again"))
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued() == 1)
     gate.set()
     assert await later == "room again"
     await blocker
@@ -123,7 +138,7 @@ async def test_closing_refuses_the_waiting_and_the_running_jobs(executor):
     gate = threading.Event()
     blocker = await _blocked(scheduler, gate)
     waiting = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: "never"))
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 1)
     scheduler.close()
     gate.set()
     for job in (blocker, waiting):
@@ -147,7 +162,7 @@ async def test_a_cheap_job_queues_behind_a_running_one_instead_of_running_on_the
     blocker = await _blocked(scheduler, gate)
     loop_thread = threading.get_ident()
     cheap = asyncio.ensure_future(scheduler.run(Priority.HIGH, threading.get_ident, seconds=0))
-    await asyncio.sleep(0.01)
+    await _until(lambda: cheap.done() or scheduler.queued() == 1)  # run inline, or queued
     assert not cheap.done()
     gate.set()
     assert await cheap != loop_thread
@@ -179,16 +194,8 @@ async def _running(
     returned gate is set."""
     gate = threading.Event()
     job = asyncio.ensure_future(scheduler.run(priority, _blocks(scheduler, name, order, gate)))
-    await _until(lambda: bool(scheduler.served))
+    await _until(lambda: f"{name}-0" in order)
     return job, gate
-
-
-async def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    for _ in range(int(seconds / 0.001)):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("the condition never held")
 
 
 async def test_a_ticketed_job_runs_between_two_blocks_of_a_running_free_one(executor):
@@ -200,7 +207,7 @@ async def test_a_ticketed_job_runs_between_two_blocks_of_a_running_free_one(exec
         asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda n=n: order.append(f"paid-{n}")))
         for n in (1, 2)
     ]
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued() == 3)
     gate.set()
     assert await free == "free"
     await asyncio.gather(queued_free, *paid)
@@ -222,7 +229,7 @@ async def test_a_running_ticketed_job_is_not_paused_for_another_ticketed_one(exe
     order: list[str] = []
     first, gate = await _running(scheduler, Priority.HIGH, "paid-1", order)
     second = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: order.append("paid-2")))
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 1)
     gate.set()
     await asyncio.gather(first, second)
     assert order == ["paid-1-0", "paid-1-1", "paid-1-2", "paid-2"]
@@ -237,11 +244,11 @@ async def test_a_ticketed_job_run_between_blocks_is_not_paused_for_the_next_tick
     first = asyncio.ensure_future(
         scheduler.run(Priority.HIGH, _blocks(scheduler, "paid-1", order, paid_gate))
     )
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 1)
     gate.set()  # the free job reaches its first boundary and runs paid-1, held after a block
     await _until(lambda: "paid-1-0" in order)
     second = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: order.append("paid-2")))
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 1)
     paid_gate.set()
     await asyncio.gather(free, first, second)
     assert order == ["free-0", "paid-1-0", "paid-1-1", "paid-1-2", "paid-2", "free-1", "free-2"]
@@ -259,7 +266,7 @@ async def test_a_ticketed_job_failing_between_blocks_reports_its_error_and_the_f
         raise ValueError("broken ticketed step")
 
     paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, fail))
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 1)
     gate.set()
     with pytest.raises(ValueError, match="broken ticketed step"):
         await paid
@@ -274,7 +281,7 @@ async def test_between_blocks_pauses_nothing_off_the_compute_thread_or_outside_a
     order: list[str] = []
     free, gate = await _running(scheduler, Priority.FREE, "free", order)
     paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: order.append("paid")))
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 1)
     scheduler.between_blocks()  # on the loop thread, while a free job holds the compute thread
     assert "paid" not in order and scheduler.queued(Priority.HIGH) == 1
     gate.set()
@@ -303,7 +310,7 @@ async def test_whatever_a_job_raises_reaches_its_requester_and_the_queue_keeps_s
     order: list[str] = []
     free, gate = await _running(scheduler, Priority.FREE, "free", order)
     paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, escape))  # run at a boundary
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 1)
     gate.set()
     with pytest.raises(RuntimeError, match="the computation raised"):
         await paid
@@ -316,7 +323,7 @@ async def test_paused_seconds_count_the_ticketed_jobs_run_inside_a_free_one(exec
     order: list[str] = []
     free, gate = await _running(scheduler, Priority.FREE, "free", order)
     paid = asyncio.ensure_future(scheduler.run(Priority.HIGH, lambda: time.sleep(0.05)))
-    await asyncio.sleep(0.01)
+    await _until(lambda: scheduler.queued(Priority.HIGH) == 1)
     gate.set()
     await asyncio.gather(free, paid)
     assert scheduler.paused_seconds >= 0.05

@@ -17,13 +17,16 @@ from corolla.client.local import LocalBackbone
 from corolla.verify.receipts import Receipt, StepRequest, verify_receipt, verify_request
 
 
-def corolla(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def corolla(
+    *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the `corolla` command in a fresh process (this environment, plus `env`)."""
     return subprocess.run(
         [sys.executable, "-m", "corolla", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})},
         check=False,
     )
 

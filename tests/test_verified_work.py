@@ -1,5 +1,7 @@
-"""Issue 5 end to end: every adversary is caught in time, convicted at the ledger, and the
-user's text equals honest generation; honest nodes and their verifiers are paid."""
+"""Issue 5 end to end, on checks v2: every adversary is caught by the verifier the ledger's
+beacon assigns, convicted by the ledger's referee (not by the client, not by a vote), and the
+user's text equals honest generation; honest nodes and their verifiers are paid for work a
+counted verdict covers, and the ledger audits clean."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from swarm_fixtures import Swarm
+from test_client_checks_v2_live import PERIOD, key_of, wait_declared
 
 from corolla.client.generation import GenerationConfig, generate
 from corolla.client.head import load_head
@@ -39,15 +42,19 @@ def steps_to_detect(rate: float, miss_probability: float = 1e-3) -> int:
 @pytest.fixture(scope="module")
 def world(bloom_dir: Path, tmp_path_factory) -> Iterator[tuple[LedgerProcess, Swarm, Path]]:
     """A ledger with a referee and honest nodes [0:2] and [2:4], two each, shared by the cases
-    (two per span, so every node has a verifier)."""
+    (two per span, so every node has a verifier), each declared to the ledger."""
     root = tmp_path_factory.mktemp("verified-work")
+    extra = ["--referee-model", str(bloom_dir), "--beacon-period-s", str(PERIOD)]
     with (
-        LedgerProcess(root / "ledger.db", root / "ledger.key",
-                      extra=["--referee-model", str(bloom_dir)]) as ledger,
+        LedgerProcess(root / "ledger.db", root / "ledger.key", extra=extra) as ledger,
         Swarm(root / "nodes") as swarm,
-    ):  # fmt: skip
-        for blocks in ("0:2", "2:4", "0:2", "2:4"):
+    ):
+        spans = ("0:2", "2:4", "0:2", "2:4")
+        nodes = [
             swarm.start(bloom_dir, blocks=blocks, extra_args=["--ledger", ledger.url])
+            for blocks in spans
+        ]
+        wait_declared(ledger.url, bloom_dir, list(zip(nodes, spans, strict=True)))
         yield ledger, swarm, root
 
 
@@ -97,27 +104,30 @@ def test_each_adversary_is_caught_convicted_and_the_text_stays_honest(
         extra_args=[*options, "--ledger", ledger.url],
     )
     try:
-        client = ClientConfig(initial_peers=tuple(swarm.initial_peers), identity=client_key)
+        wait_declared(ledger.url, bloom_dir, [(cheater, "2:4")])
+        client = ClientConfig(  # the route takes the cheater first
+            initial_peers=tuple(swarm.initial_peers),
+            identity=client_key,
+            prefer=frozenset({cheater.peer_id}),
+        )
         checks = SpotCheckConfig(rate=RATE, seed=5)
         with DistributedModelForCausalLM.from_pretrained(
-            bloom_dir, config=client, checks=checks
+            bloom_dir, config=client, checks=checks, ledger=ledger.url
         ) as model:
-            for node in swarm.nodes:  # the cheater looks nearest: the route takes it first
-                model.backbone.swarm.rtts[node.peer_id] = 0.0001 if node is cheater else 0.01
             input_ids = model.tokenizer(PROMPT, return_tensors="pt").input_ids
             tokens = model.generate(input_ids, CONFIG)
             session = model.backbone.last_session
             with LedgerClient(ledger.url, load_or_create_identity(client_key)) as api:
-                report = report_session(api, session.work, session.checks)
-                account = api.account(load_or_create_identity(cheater.identity).public_key)
+                report_session(api, session.log.work, session.log.checks)
+                account = api.account(key_of(cheater))
     finally:
         cheater.kill()
     assert torch.equal(tokens, _honest(bloom_dir))
-    caught = [check for check in session.checks if check.verdict == "caught"]
-    assert [check.peer_id for check in caught] == [cheater.peer_id]
+    convicted = [d for d in session.log.disputes if d.ruling.decision == "node-lied"]
+    assert [d.peer_id for d in convicted] == [cheater.peer_id]
+    assert convicted[0].ruling.judge == "referee"
     first_cheat_bound = 0 if fraction == 0 else steps_to_detect(fraction)
-    assert caught[0].steps <= steps_to_detect(RATE) + first_cheat_bound
-    assert [v.verdict for v in report.verdicts] == ["guilty"]
+    assert convicted[0].steps <= steps_to_detect(RATE) + first_cheat_bound
     assert account is not None and account.slashed and account.balance == 0
     assert cheater.peer_id not in {hop.peer_id for hop in session.route}
 
@@ -126,20 +136,23 @@ def test_honest_work_is_paid_and_the_ledger_audits_clean_after_all_of_it(world, 
     ledger, swarm, root = world
     client = ClientConfig(initial_peers=tuple(swarm.initial_peers), identity=root / "c.key")
     with DistributedModelForCausalLM.from_pretrained(
-        bloom_dir, config=client, checks=SpotCheckConfig(rate=0.5, seed=1)
+        bloom_dir, config=client, checks=SpotCheckConfig(rate=0.5, seed=1), ledger=ledger.url
     ) as model:
         input_ids = model.tokenizer(PROMPT, return_tensors="pt").input_ids
-        model.generate(input_ids, CONFIG)
+        result = model.generate_result(input_ids, CONFIG)
         session = model.backbone.last_session
         with LedgerClient(ledger.url, load_or_create_identity(client.identity)) as api:
-            report_session(api, session.work, session.checks)
+            summary = report_session(api, session.log.work, session.log.checks)
             served = {hop.peer_id for hop in session.route}
             balances = {
-                node.peer_id: api.balance(load_or_create_identity(node.identity).public_key)
+                node.peer_id: api.balance(key_of(node))
                 for node in swarm.nodes
                 if node.process.poll() is None
             }
+    assert result.unverified == ()
+    assert all(check.verdict == "passed" for check in session.log.checks)
+    assert all(check.beacon is not None for check in session.log.checks)
+    assert summary.attestations >= 1 and summary.dropped == []
     assert all(balances[peer] > 0 for peer in served)
-    assert all(check.verdict == "passed" for check in session.checks)
     report = audit(HttpSource(ledger.url))
-    assert report.evidence_checked >= 1 and report.attestations_verified >= 1
+    assert report.disputes_checked >= 1 and report.attestations_verified >= 1

@@ -11,6 +11,7 @@ import pytest
 from corolla.errors import BadReceipt, BadSignature, InvalidInput
 from corolla.verify.assignment import MAX_SKIPS, assignment_seed, rank, within_reach
 from corolla.verify.beacon import Beacon, epoch_of, sign_beacon, verify_beacon
+from corolla.verify.encoding import domain_digest
 from corolla.verify.identity import Identity
 from corolla.verify.verdicts import CheckVerdict, consistent, sign_verdict, verify_verdict
 
@@ -68,6 +69,13 @@ def test_the_rank_of_two_candidates_does_not_depend_on_the_others():
     assert rank(seed, reversed(keys)) == full
     without = rank(seed, keys[1:])
     assert [key for key in full if key != keys[0]] == without
+
+
+def test_the_rank_is_the_documented_digest_order():
+    keys = [Identity.generate().public_key for _ in range(12)]
+    seed = _seed(_beacon())
+    expected = sorted(keys, key=lambda key: domain_digest("verifier-rank", seed, key))
+    assert rank(seed, keys) == expected
 
 
 def test_every_candidate_is_drawn_about_equally_often():

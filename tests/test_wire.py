@@ -10,16 +10,18 @@ from hivemind.proto import runtime_pb2
 
 from corolla.errors import InvalidInput, NodeBusy, RemoteError
 from corolla.node.protocol.messages import (
-    MESSAGE_CAP_BYTES,
-    PART_BYTES,
     ErrorCode,
     ErrorReply,
-    Message,
     NodeInfo,
     OpenSession,
     SessionOpened,
     StepMessage,
     StepOutput,
+)
+from corolla.node.protocol.tensors import (
+    MESSAGE_CAP_BYTES,
+    PART_BYTES,
+    Message,
     WireLimits,
     decode_frame,
     deserialize_tensor,

@@ -21,11 +21,14 @@ that is down), and the ledger counts a verdict only from a verifier within that 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 
 from corolla.errors import InvalidInput
 from corolla.verify.beacon import Beacon
-from corolla.verify.encoding import domain_digest
+from corolla.verify.encoding import canonical, domain_digest, domain_message
+
+_EMPTY_BYTES = canonical(b"")
 
 __all__ = ["MAX_SKIPS", "assignment_seed", "rank", "within_reach"]
 
@@ -58,8 +61,15 @@ def assignment_seed(
 
 
 def rank(seed: bytes, candidates: Iterable[bytes]) -> list[bytes]:
-    """``candidates`` (public keys, duplicates dropped) in the order the seed draws them."""
-    return sorted(set(candidates), key=lambda key: domain_digest("verifier-rank", seed, key))
+    """``candidates`` (public keys, duplicates dropped) in the order the seed draws them: by
+    ``domain_digest("verifier-rank", seed, key)``, hashed from the seed's encoding once (the
+    ledger ranks every candidate of every counted attestation)."""
+    prefix = domain_message("verifier-rank", seed, b"")[: -len(_EMPTY_BYTES)]
+
+    def draw(key: bytes) -> bytes:
+        return hashlib.sha256(prefix + b"\x05" + len(key).to_bytes(4, "big") + key).digest()
+
+    return sorted(set(candidates), key=draw)
 
 
 def within_reach(

@@ -29,11 +29,12 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from corolla.errors import InvalidInput
+
+if TYPE_CHECKING:  # torch is imported where tensors are compared: the ledger reads
+    import torch  # thresholds and calibrations without loading it
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -113,6 +114,8 @@ def token_errors(claimed: torch.Tensor, recomputed: torch.Tensor) -> torch.Tenso
 
     Both tensors must be finite and of the same shape; a token where both are zero scores 0.
     """
+    import torch
+
     a = claimed.detach().to(torch.float64)
     b = recomputed.detach().to(torch.float64)
     difference = torch.linalg.vector_norm(a - b, dim=-1)
@@ -134,6 +137,8 @@ def compare(
     recomputation (the verifier's own result cannot judge anyone). A non-finite claimed output
     is a failed comparison with score inf, never an error.
     """
+    import torch
+
     tolerance = tolerance_for(profile)
     _check_pair(claimed, recomputed, tolerance)
     if not bool(torch.isfinite(recomputed).all()):
@@ -156,6 +161,8 @@ def compare(
 
 
 def _check_pair(claimed: torch.Tensor, recomputed: torch.Tensor, tolerance: Tolerance) -> None:
+    import torch
+
     for name, tensor in (("claimed", claimed), ("recomputed", recomputed)):
         if not isinstance(tensor, torch.Tensor):
             raise InvalidInput(f"the {name} output must be a tensor, got {type(tensor).__name__}")

@@ -19,9 +19,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from corolla.errors import InvalidInput, LedgerError, LedgerRefused
+from corolla.ledger.api.checks import (
+    DisputeOutcome,
+    Serving,
+    calibration_from_wire,
+    calibration_to_wire,
+)
 from corolla.ledger.api.envelope import sign_envelope
 from corolla.ledger.api.models import Account, Entry, Operation, b64encode, from_hex
 from corolla.ledger.api.reports import Attestation, report_batches, report_body
+from corolla.verify.beacon import Beacon, verify_beacon
 from corolla.verify.checkpoints import Checkpoint, verify_checkpoint
 from corolla.verify.encoding import canonical
 from corolla.verify.identity import Identity
@@ -29,9 +36,18 @@ from corolla.verify.receipts import Receipt, StepRequest
 from corolla.verify.tickets import Ticket, verify_ticket
 
 if TYPE_CHECKING:
+    from corolla.verify.disputes import Dispute
     from corolla.verify.evidence import FraudEvidence
+    from corolla.verify.tolerance import Calibration
 
-__all__ = ["AsyncLedgerClient", "ClientConfig", "EntryPage", "EvidenceVerdict", "LedgerClient"]
+__all__ = [
+    "AsyncLedgerClient",
+    "ClientConfig",
+    "DisputeOutcome",
+    "EntryPage",
+    "EvidenceVerdict",
+    "LedgerClient",
+]
 
 _T = TypeVar("_T")
 Pairs = Sequence[tuple[StepRequest, Receipt]]
@@ -85,10 +101,15 @@ class AsyncLedgerClient:
         identity: Identity | None = None,
         config: ClientConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        ledger_key: bytes | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.identity = identity
         self.config = config or ClientConfig()
+        self.ledger_key = ledger_key
+        """The ledger's key beacons are checked against (learnt from ``/v1/info`` on first use
+        when not given)."""
+        self._origin: str | None = None
         self._http = httpx.AsyncClient(
             base_url=self.url, timeout=self.config.timeout_s, transport=transport
         )
@@ -111,11 +132,13 @@ class AsyncLedgerClient:
     async def submit_report(
         self, pairs: Pairs, attestations: Sequence[Attestation]
     ) -> list[dict[str, Any]]:
-        """Report sessions' (request, receipt) pairs and the spot-check attestations covering
-        them (the client's identity must be the client of all of them). Work earns its nodes
-        points only where a passed check by a trusted, independent verifier covers it; a
-        counted check earns its verifier a fee. Returns each batch's result: per pair the
-        credited units (or why none), per attestation whether it counted and its fee."""
+        """Report sessions' (request, receipt) pairs and the verifiers' signed verdicts on them
+        (the client's identity must be the client of all of them). Work earns its nodes points
+        only where a passed verdict by its assigned verifier covers it; each verdict pays its
+        verifier for the positions it newly checked. An attestation that does not count (not
+        the assigned verifier, a verdict inconsistent with its score, a beacon that is not the
+        ledger's...) refuses its batch with :class:`LedgerRefused` naming it. Returns each
+        batch's result: per pair the credited units (or why none), per attestation its fee."""
         if not pairs:
             raise InvalidInput("no pairs to report")
         return [
@@ -165,7 +188,96 @@ class AsyncLedgerClient:
         body = {"account": account.hex(), "reason": reason, "evidence": evidence.hex()}
         return int((await self._signed("/v1/slash", "slash", body))["taken"])
 
+    async def declare_serving(
+        self, model_digest: bytes, start: int, end: int, profile: str
+    ) -> dict[str, Any]:
+        """Declare (as the node whose identity this client holds) that it serves blocks
+        ``[start, end)`` of the model under ``profile``: it becomes a candidate verifier of
+        checks assigned by the beacons of epochs that begin afterwards."""
+        body = Serving(model_digest, start, end, profile).to_body()
+        return await self._signed("/v1/serving", "serving", body)
+
+    async def withdraw_serving(
+        self, model_digest: bytes, start: int, end: int, profile: str
+    ) -> dict[str, Any]:
+        """Withdraw a declaration made with :meth:`declare_serving`."""
+        body = Serving(model_digest, start, end, profile).to_body()
+        return await self._signed("/v1/serving/withdraw", "serving-withdraw", body)
+
+    async def publish_calibrations(self, calibrations: Sequence[Calibration]) -> dict[str, Any]:
+        """Operator only (the identity must be the ledger's key): publish calibrations; verdicts
+        on their models are then held to their thresholds."""
+        if not calibrations:
+            raise InvalidInput("no calibrations to publish")
+        body = {"calibrations": [calibration_to_wire(c) for c in calibrations]}
+        return await self._signed("/v1/calibrations", "calibrate", body)
+
+    async def submit_dispute(self, dispute: Dispute) -> DisputeOutcome:
+        """Submit a dispute (the client's identity must be the client of its claims). The
+        ledger's referee decides it, slashing every side that lied; without a referee it is
+        logged unjudged and slashes nobody. Raises :class:`LedgerRefused` with the reason for a
+        dispute that is malformed, inconsistent or already logged."""
+        body = {"dispute": b64encode(dispute.to_bytes())}
+        result = await self._signed(
+            "/v1/disputes", "dispute", body, timeout=self.config.evidence_timeout_s
+        )
+        try:
+            return DisputeOutcome.from_answer(result)
+        except InvalidInput as error:
+            raise LedgerError(f"the ledger sent {error}") from None
+
     # Reads.
+
+    async def beacon(self, epoch: int | None = None) -> Beacon:
+        """The ledger's beacon of ``epoch`` (default: the current one), its signature checked
+        against the ledger's key; :class:`LedgerRefused` (425) for an epoch not begun."""
+        path = "/v1/beacon" if epoch is None else f"/v1/beacon/{int(epoch)}"
+        data = await self._get(path)
+        key, origin = await self._ledger_identity()
+        try:
+            beacon = Beacon.from_dict(data)
+        except InvalidInput as error:
+            raise LedgerError(f"the ledger sent a malformed beacon: {error}") from None
+        verify_beacon(beacon, key, origin)
+        if epoch is not None and beacon.epoch != epoch:
+            raise LedgerError(f"the ledger sent the beacon of epoch {beacon.epoch}, not {epoch}")
+        return beacon
+
+    async def servers(
+        self, model_digest: bytes, start: int, end: int, profile: str, before_epoch: int
+    ) -> list[bytes]:
+        """Keys of the nodes whose serving declarations cover blocks ``[start, end)`` of the
+        model under ``profile``, as they stood when ``before_epoch`` began (the candidates of
+        the checks that epoch's beacon assigns)."""
+        wanted = Serving(model_digest, start, end, profile)
+        params = {**wanted.to_body(), "before": before_epoch}
+        data = await self._get("/v1/serving", params)
+        try:
+            return [from_hex(key) for key in data["servers"]]
+        except (KeyError, TypeError, InvalidInput) as error:
+            raise LedgerError(f"the ledger sent a malformed list of servers: {error}") from None
+
+    async def calibrations(self, model_digest: bytes) -> dict[str, Calibration]:
+        """The latest calibration the ledger published for each profile of the model."""
+        data = await self._get(f"/v1/calibrations/{model_digest.hex()}")
+        try:
+            found = [calibration_from_wire(item["calibration"]) for item in data["calibrations"]]
+        except (KeyError, TypeError, InvalidInput) as error:
+            raise LedgerError(f"the ledger sent malformed calibrations: {error}") from None
+        return {c.profile: c for c in found if c.model_digest == model_digest}
+
+    async def _ledger_identity(self) -> tuple[bytes, str | None]:
+        if self.ledger_key is not None and self._origin is not None:
+            return self.ledger_key, self._origin
+        info = await self.info()
+        try:
+            served, origin = from_hex(info["ledger_key"]), str(info["origin"])
+        except (KeyError, TypeError, InvalidInput) as error:
+            raise LedgerError(f"the ledger sent malformed info: {error}") from None
+        if self.ledger_key is None:
+            self.ledger_key = served
+        self._origin = origin
+        return self.ledger_key, origin
 
     async def info(self) -> dict[str, Any]:
         """The ledger's origin, key, rules, limits and size."""
@@ -299,9 +411,10 @@ class LedgerClient:
         identity: Identity | None = None,
         config: ClientConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        ledger_key: bytes | None = None,
     ) -> None:
         self._runner = asyncio.Runner()
-        self.client = AsyncLedgerClient(url, identity, config, transport)
+        self.client = AsyncLedgerClient(url, identity, config, transport, ledger_key)
 
     def __enter__(self) -> LedgerClient:
         return self
@@ -335,6 +448,33 @@ class LedgerClient:
 
     def slash(self, account: bytes, reason: str, evidence: bytes) -> int:
         return self._run(self.client.slash(account, reason, evidence))
+
+    def declare_serving(
+        self, model_digest: bytes, start: int, end: int, profile: str
+    ) -> dict[str, Any]:
+        return self._run(self.client.declare_serving(model_digest, start, end, profile))
+
+    def withdraw_serving(
+        self, model_digest: bytes, start: int, end: int, profile: str
+    ) -> dict[str, Any]:
+        return self._run(self.client.withdraw_serving(model_digest, start, end, profile))
+
+    def publish_calibrations(self, calibrations: Sequence[Calibration]) -> dict[str, Any]:
+        return self._run(self.client.publish_calibrations(calibrations))
+
+    def submit_dispute(self, dispute: Dispute) -> DisputeOutcome:
+        return self._run(self.client.submit_dispute(dispute))
+
+    def beacon(self, epoch: int | None = None) -> Beacon:
+        return self._run(self.client.beacon(epoch))
+
+    def servers(
+        self, model_digest: bytes, start: int, end: int, profile: str, before_epoch: int
+    ) -> list[bytes]:
+        return self._run(self.client.servers(model_digest, start, end, profile, before_epoch))
+
+    def calibrations(self, model_digest: bytes) -> dict[str, Calibration]:
+        return self._run(self.client.calibrations(model_digest))
 
     def info(self) -> dict[str, Any]:
         return self._run(self.client.info())

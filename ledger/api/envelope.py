@@ -47,7 +47,19 @@ __all__ = [
 ]
 
 NONCE_SIZE = 16
-ACTIONS = ("genesis", "register", "report", "buy-ticket", "redeem", "evidence", "slash")
+ACTIONS = (
+    "genesis",
+    "register",
+    "report",
+    "buy-ticket",
+    "redeem",
+    "evidence",
+    "slash",
+    "serving",
+    "serving-withdraw",
+    "calibrate",
+    "dispute",
+)
 HEADER_AUTHOR = "X-Corolla-Author"
 HEADER_NONCE = "X-Corolla-Nonce"
 HEADER_TIMESTAMP = "X-Corolla-Timestamp"

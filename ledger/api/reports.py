@@ -1,33 +1,32 @@
-"""A client's report of a session: the nodes' (request, receipt) pairs and the client's
-spot-check attestations, the only way work earns points (``POST /v1/reports``).
+"""A client's report of a session: the nodes' (request, receipt) pairs and the verifiers' signed
+verdicts on them, the only way work earns points (``POST /v1/reports``).
 
 Wire form (JSON; records as standard base64 of their canonical ``to_bytes()``)::
 
     {"pairs": [{"request": B64, "receipt": B64}, ...],
-     "attestations": [{"node": HEX32, "session": HEX16, "start": INT, "end": INT,
-                       "steps": INT, "passed": BOOL, "score": TEXT,
-                       "request": B64, "receipt": B64}, ...]}
+     "attestations": [{"verdict": {CheckVerdict.to_dict()}, "request": B64, "receipt": B64,
+                       "beacon": {Beacon.to_dict()}}, ...]}
 
-An attestation says: steps ``0..steps-1`` of ``node``'s session ``session`` on blocks
-``[start, end)`` were compared with a verifier's one-shot recomputation, and ``passed`` or
-not (``score``: the comparison's score as text, e.g. ``repr(float)``; the canonical encoding
-has no floats). The recomputation is the client's signed request (step 0, position 0, the
-same model, span and blocks, ``tokens`` = the summed tokens of the checked steps) and the
-verifier's signed receipt for it, chained from the genesis digest. The report's envelope is
-signed by the client, which must be the client of every pair and attestation.
+An attestation (checks v2, ``docs/checks-protocol.md``) is what a verifier V signed after it
+compared node N's steps ``[first_step, end_step)`` with its own recomputation: its
+:class:`~corolla.verify.verdicts.CheckVerdict`, the client's request to V for that
+recomputation and V's receipt for it (the verdict names the receipt's digest), and the ledger's
+:class:`~corolla.verify.beacon.Beacon` of the epoch that assigned V. The client's own word (a
+score it computed, a verdict it wrote) is not part of it: nothing credits on it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from corolla.errors import InvalidInput
-from corolla.ledger.api.models import b64decode, b64encode, from_hex
+from corolla.ledger.api.models import b64decode, b64encode
+from corolla.verify.beacon import Beacon
 from corolla.verify.fast import read_receipt, read_request
-from corolla.verify.receipts import MAX_BLOCK, SESSION_ID_SIZE, Receipt, StepRequest
+from corolla.verify.receipts import Receipt, StepRequest
+from corolla.verify.verdicts import CheckVerdict
 
 __all__ = [
     "Attestation",
@@ -37,80 +36,62 @@ __all__ = [
     "report_body",
 ]
 
-_ATTESTATION_FIELDS = frozenset(
-    {"node", "session", "start", "end", "steps", "passed", "score", "request", "receipt"}
-)
-_SCORE = re.compile(r"(?:inf|nan|[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)")
-_MAX_SCORE = 32
-_MAX_STEPS = 2**31
+_ATTESTATION_FIELDS = frozenset({"verdict", "request", "receipt", "beacon"})
 
 
 @dataclass(frozen=True, slots=True)
 class Attestation:
-    """A client's record of one spot-check of a node-session (what it reports)."""
+    """A verifier's signed verdict on a node-session's steps, with the recomputation behind it
+    (the client's request to the verifier and the verifier's receipt) and the beacon that
+    assigned the verifier."""
 
-    node_key: bytes
-    session_id: bytes
-    start: int
-    end: int
-    steps: int
-    passed: bool
-    score: str
+    verdict: CheckVerdict
     request: StepRequest
     receipt: Receipt
+    beacon: Beacon
 
     def __post_init__(self) -> None:
-        _check_attestation_fields(
-            self.node_key, self.session_id, self.start, self.end, self.steps, self.passed
+        kinds = (
+            (self.verdict, CheckVerdict),
+            (self.request, StepRequest),
+            (self.receipt, Receipt),
+            (self.beacon, Beacon),
         )
-        _check_score(self.score)
-        if not isinstance(self.request, StepRequest) or not isinstance(self.receipt, Receipt):
-            raise InvalidInput("an attestation holds a StepRequest and a Receipt")
+        if not all(isinstance(value, kind) for value, kind in kinds):
+            raise InvalidInput("an attestation holds a CheckVerdict, StepRequest, Receipt, Beacon")
+
+    @property
+    def group(self) -> tuple[bytes, bytes, int, int]:
+        """The node-session it checks: (node, session, start, end)."""
+        verdict = self.verdict
+        return (verdict.node_key, verdict.session_id, verdict.start, verdict.end)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form a report carries."""
         return {
-            "node": self.node_key.hex(),
-            "session": self.session_id.hex(),
-            "start": self.start,
-            "end": self.end,
-            "steps": self.steps,
-            "passed": self.passed,
-            "score": self.score,
+            "verdict": self.verdict.to_dict(),
             "request": b64encode(self.request.to_bytes()),
             "receipt": b64encode(self.receipt.to_bytes()),
+            "beacon": self.beacon.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> Attestation:
         """Parse :meth:`to_dict` output strictly; raises :class:`InvalidInput`."""
-        parsed = parse_attestation(data)
-        return cls(
-            parsed.node_key,
-            parsed.session_id,
-            parsed.start,
-            parsed.end,
-            parsed.steps,
-            parsed.passed,
-            parsed.score,
-            parsed.request,
-            parsed.receipt,
-        )
+        wire = parse_attestation(data)
+        return cls(wire.verdict, wire.request, wire.receipt, wire.beacon)
 
 
 @dataclass(frozen=True, slots=True)
 class WireAttestation:
-    node_key: bytes
-    session_id: bytes
-    start: int
-    end: int
-    steps: int
-    passed: bool
-    score: str
+    """An attestation as read from a report, with the signing bytes of its records."""
+
+    verdict: CheckVerdict
     request: StepRequest
     request_bytes: bytes
     receipt: Receipt
     receipt_bytes: bytes
+    beacon: Beacon
 
 
 def report_body(
@@ -146,48 +127,19 @@ def report_batches(
         batches[-1][0].extend(group)
         where[key] = len(batches) - 1
     for attestation in attestations:
-        key = (attestation.node_key, attestation.session_id, attestation.start, attestation.end)
-        batches[where.get(key, 0)][1].append(attestation)
+        batches[where.get(attestation.group, 0)][1].append(attestation)
     return batches
 
 
 def parse_attestation(data: Any) -> WireAttestation:
+    """Read an attestation's JSON form strictly; raises :class:`InvalidInput`."""
     if not isinstance(data, dict) or set(data) != _ATTESTATION_FIELDS:
-        raise InvalidInput(f"an attestation has exactly the fields {sorted(_ATTESTATION_FIELDS)}")
-    node, session = from_hex(data["node"]), from_hex(data["session"])
-    start, end, steps, passed = data["start"], data["end"], data["steps"], data["passed"]
-    _check_attestation_fields(node, session, start, end, steps, passed)
-    _check_score(data["score"])
+        raise InvalidInput(
+            f"an attestation has exactly the fields {sorted(_ATTESTATION_FIELDS)} (a verifier's "
+            "signed verdict, the recomputation's request and receipt, the ledger's beacon)"
+        )
+    verdict = CheckVerdict.from_dict(data["verdict"])
     request, request_bytes = read_request(b64decode(data["request"]))
     receipt, receipt_bytes = read_receipt(b64decode(data["receipt"]))
-    return WireAttestation(
-        node, session, start, end, steps, passed, data["score"], request, request_bytes,
-        receipt, receipt_bytes,
-    )  # fmt: skip
-
-
-def _check_attestation_fields(
-    node: Any, session: Any, start: Any, end: Any, steps: Any, passed: Any
-) -> None:
-    if not isinstance(node, bytes) or len(node) != 32:
-        raise InvalidInput("an attestation's node is a 32-byte public key")
-    if not isinstance(session, bytes) or len(session) != SESSION_ID_SIZE:
-        raise InvalidInput(f"an attestation's session is {SESSION_ID_SIZE} bytes")
-    for name, value, low, high in (
-        ("start", start, 0, MAX_BLOCK),
-        ("end", end, 0, MAX_BLOCK),
-        ("steps", steps, 1, _MAX_STEPS),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise InvalidInput(f"an attestation's {name} must be an integer in [{low}, {high}]")
-    if start >= end:
-        raise InvalidInput(f"an attestation's span [{start}, {end}) holds no blocks")
-    if not isinstance(passed, bool):
-        raise InvalidInput("an attestation's passed must be true or false")
-
-
-def _check_score(score: Any) -> None:
-    if not isinstance(score, str) or len(score) > _MAX_SCORE or not _SCORE.fullmatch(score):
-        raise InvalidInput(
-            "an attestation's score is a decimal number as text (e.g. '3.2e-06', 'inf')"
-        )
+    beacon = Beacon.from_dict(data["beacon"])
+    return WireAttestation(verdict, request, request_bytes, receipt, receipt_bytes, beacon)

@@ -28,7 +28,12 @@ __all__ = [
     "block_digest",
     "compute_manifest",
     "config_digest",
+    "head_digest",
+    "head_tensor_names",
     "load_manifest",
+    "manifest_differences",
+    "stored_manifest",
+    "verify_manifest",
 ]
 
 MANIFEST_FILE = "corolla-manifest.json"
@@ -102,9 +107,12 @@ def block_digest(index: int, tensors: dict[str, torch.Tensor], prefix: str) -> b
     return domain_digest("block", index, tensors_digest("block-tensors", tensors, prefix))
 
 
-def _head_tensor_names(checkpoint: Checkpoint) -> list[str]:
-    _, names = checkpoint.family.build_head(checkpoint.config)
-    return sorted(name for name in set(names.values()) if checkpoint.has(name))
+def head_tensor_names(checkpoint: Checkpoint) -> list[str]:
+    return sorted(set(checkpoint.head_tensor_map().values()))
+
+
+def head_digest(tensors: dict[str, torch.Tensor]) -> bytes:
+    return tensors_digest("head", tensors)
 
 
 def compute_manifest(
@@ -115,12 +123,15 @@ def compute_manifest(
     for index in range(checkpoint.num_blocks):
         names = checkpoint.block_tensor_names(index)
         if not names:
-            raise CheckpointError(f"block {index} has no tensors in {checkpoint.directory}")
+            raise CheckpointError(
+                f"block {index} has no tensors in {checkpoint.source} (read in the "
+                f"{checkpoint.layout.name} layout: {checkpoint.family.block_prefix(index)}*)"
+            )
         tensors = checkpoint.read(names)
         blocks.append(block_digest(index, tensors, checkpoint.family.block_prefix(index)))
         if on_block is not None:
             on_block(index)
-    head = tensors_digest("head", checkpoint.read(_head_tensor_names(checkpoint)))
+    head = head_digest(checkpoint.read(head_tensor_names(checkpoint)))
     return Manifest(
         family=checkpoint.family.name,
         config_digest=config_digest(checkpoint),
@@ -129,21 +140,77 @@ def compute_manifest(
     )
 
 
+def stored_manifest(checkpoint: Checkpoint) -> Manifest | None:
+    """The manifest kept beside the checkpoint, or None. Not checked against the tensors."""
+    path = checkpoint.directory / MANIFEST_FILE
+    return Manifest.from_json(path.read_text()) if path.is_file() else None
+
+
 def load_manifest(
     checkpoint: Checkpoint, on_block: Callable[[int], None] | None = None
 ) -> Manifest:
-    """The stored manifest if it matches the config, else a freshly computed (and saved) one."""
-    path = checkpoint.directory / MANIFEST_FILE
-    if path.is_file():
-        manifest = Manifest.from_json(path.read_text())
-        if (
-            manifest.config_digest == config_digest(checkpoint)
-            and manifest.num_blocks == checkpoint.num_blocks
-        ):
-            return manifest
+    """The stored manifest if it matches the config, else a freshly computed (and saved) one.
+
+    A stored manifest is trusted for the blocks this process does not load; every tensor that
+    is loaded is checked against it (``load_span``, ``read_head``), and ``verify_manifest``
+    checks all of them.
+    """
+    manifest = stored_manifest(checkpoint)
+    if (
+        manifest is not None
+        and manifest.config_digest == config_digest(checkpoint)
+        and manifest.num_blocks == checkpoint.num_blocks
+    ):
+        return manifest
     manifest = compute_manifest(checkpoint, on_block)
-    _write_atomically(path, manifest.to_json())
+    _write_atomically(checkpoint.directory / MANIFEST_FILE, manifest.to_json())
     return manifest
+
+
+def verify_manifest(
+    checkpoint: Checkpoint, on_block: Callable[[int], None] | None = None
+) -> Manifest:
+    """Hash every tensor; the result, saved if no manifest was stored.
+
+    Raises CheckpointError naming what differs when a stored manifest does not match the
+    tensors (a changed weight, a manifest copied from another model).
+    """
+    computed = compute_manifest(checkpoint, on_block)
+    stored = stored_manifest(checkpoint)
+    if stored is None:
+        _write_atomically(checkpoint.directory / MANIFEST_FILE, computed.to_json())
+        return computed
+    differences = manifest_differences(stored, computed)
+    if differences:
+        raise CheckpointError(
+            f"{MANIFEST_FILE} in {checkpoint.directory} does not match the tensors: "
+            f"{'; '.join(differences)}. Delete it to recompute it from the weights"
+        )
+    return computed
+
+
+def manifest_differences(stored: Manifest, computed: Manifest) -> list[str]:
+    """What a stored manifest gets wrong about a computed one, in words."""
+    if stored.num_blocks != computed.num_blocks or stored.family != computed.family:
+        return [
+            f"it describes a {stored.family} model of {stored.num_blocks} blocks, the "
+            f"checkpoint is a {computed.family} model of {computed.num_blocks} blocks"
+        ]
+    differences = []
+    if stored.config_digest != computed.config_digest:
+        differences.append("its config digest is another config's")
+    changed = [
+        str(index)
+        for index, (a, b) in enumerate(
+            zip(stored.block_digests, computed.block_digests, strict=True)
+        )
+        if a != b
+    ]
+    if changed:
+        differences.append(f"block {', '.join(changed)} differ")
+    if stored.head_digest != computed.head_digest:
+        differences.append("the head tensors differ")
+    return differences
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -58,6 +58,9 @@ class Span:
         self.hidden_size: int = config.hidden_size
         self.dtype = torch.float32
         self.max_length = family.max_length(config)
+        # Built from this span's own config and kept with it (never shared by a key that could
+        # outlive the config, such as its id).
+        self.position_encoder = family.position_encoder(config)
 
     @property
     def num_blocks(self) -> int:
@@ -88,13 +91,6 @@ class Span:
     def weight_bytes(self) -> int:
         return module_bytes(self.blocks)
 
-    def cache_bytes_per_token(self) -> int:
-        """KV-cache bytes one token of one sequence costs across the span's blocks."""
-        heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
-        head_dim = self.hidden_size // self.config.num_attention_heads
-        element = torch.finfo(self.dtype).bits // 8
-        return 2 * heads * head_dim * element * self.num_blocks
-
     @torch.inference_mode()
     def forward(
         self,
@@ -118,7 +114,13 @@ class Span:
                 f"{cache.past_length + new} tokens exceed the model's context of {self.max_length}"
             )
         output = self.family.run_blocks(
-            list(self.blocks), self.config, hidden, cache.cache, cache.past_length, between
+            list(self.blocks),
+            self.config,
+            hidden,
+            cache.cache,
+            cache.past_length,
+            between,
+            self.position_encoder,
         )
         cache.past_length += new
         return output
@@ -140,7 +142,8 @@ def load_span(
     end: int,
     quant: str | None = None,
 ) -> Span:
-    """Load blocks [start, end) of a checkpoint, reading only those blocks' tensors."""
+    """Load blocks [start, end) of a checkpoint (a directory or a hub id), reading only those
+    blocks' tensors and checking each block against the manifest."""
     checkpoint = Checkpoint(model_dir)
     checkpoint.check_span(start, end)
     quant_mode = parse_quant(quant)
@@ -153,7 +156,7 @@ def load_span(
         tensors = checkpoint.read(names)
         if block_digest(index, tensors, prefix) != manifest.block_digests[index]:
             raise CheckpointError(
-                f"block {index} of {checkpoint.directory} does not match its manifest; "
+                f"block {index} of {checkpoint.source} does not match its manifest; "
                 "delete corolla-manifest.json to recompute it"
             )
         block = family.build_block(checkpoint.config, index)

@@ -1,58 +1,47 @@
-"""The node wire protocol: messages, tensor (de)serialization, chunking, and a raw client.
-
-Transport is hivemind P2P. A *message* is a kind, a body (a dict of the canonical data model of
-:mod:`corolla.verify.encoding`) and a few tensors. On the wire one message is one or more
-protobuf *parts* (``runtime_pb2.ExpertRequest`` from client to node, ``ExpertResponse`` back):
-
-- part 0 carries ``metadata = canonical({"protocol", "kind", "parts", "body"})`` and the first
-  tensor chunks; ``parts`` says how many parts the message has in all;
-- parts 1.. carry only tensor chunks (empty metadata).
-
-Tensors are hivemind ``runtime_pb2.Tensor`` with compression ``NONE``: raw native (little-endian)
-bytes, ``size`` = shape, ``dtype`` = torch dtype name (bfloat16 as raw 2-byte values). A tensor
-larger than a part is split with ``split_for_streaming`` (its head chunk says ``chunks = N``), so
-no part exceeds :data:`PART_BYTES`, well under hivemind's 4 MiB message cap. Decoding is strict
-(whitelisted dtypes, exact byte counts, bounded shapes and totals): hivemind's own deserializer
-trusts the sender's dtype string and sizes, which a node cannot afford.
-
-Receiving has two stages with different failure meanings:
-
-- :func:`receive_frame` reads one message's parts. It raises :class:`InvalidInput` only when the
-  framing itself is broken (undecodable envelope): the stream is out of sync and must be closed.
-- :func:`decode_frame` turns a frame into a :class:`Message`. Its :class:`InvalidInput` (too many
-  bytes, malformed tensor, wrong protocol version) is recoverable: the frame was consumed whole.
+"""The node wire protocol's messages: kinds, handler names, and the typed messages.
 
 Typed messages (:class:`OpenSession`, :class:`SessionOpened`, :class:`StepMessage`,
-:class:`StepOutput`, :class:`ErrorReply`, :class:`NodeInfo`) convert to and from
-:class:`Message` and validate every field.
+:class:`StepOutput`, :class:`CheckMessage`, :class:`CheckOutput`, :class:`ErrorReply`,
+:class:`NodeInfo`) convert to and from the generic :class:`~corolla.node.protocol.tensors.Message`
+and validate every field. How a message becomes protobuf parts (tensor encoding, chunking,
+strict decoding) is in :mod:`corolla.node.protocol.tensors`; the raw client
+(:func:`request_info`, :func:`request_forward`, :class:`InferenceStream`) in
+:mod:`corolla.node.protocol.stream`.
 
-The raw client (:func:`request_info`, :func:`request_forward`, :class:`InferenceStream`,
-:func:`read_reply`) lives in :mod:`corolla.node.protocol.stream`; its names are re-exported here.
+A node serves three libp2p handlers, named as hivemind's ``ServicerBase`` names a method of a
+service class ``NodeService`` in namespace ``corolla`` (``corolla::NodeService.rpc_info``). The
+names are fixed protocol constants: a node registers them whatever its service class is called.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import split_for_streaming
 
-from corolla.errors import CorollaError, InvalidInput, NodeBusy, NodeError, RemoteError
+from corolla.errors import (
+    CorollaError,
+    InvalidInput,
+    NodeBusy,
+    NodeError,
+    RemoteError,
+    VerificationError,
+)
+from corolla.node.protocol.tensors import Message
 from corolla.verify.digests import DIGEST_SIZE
-from corolla.verify.encoding import Value, canonical, decode
+from corolla.verify.encoding import INT_MAX, Value
 from corolla.verify.identity import PUBLIC_KEY_SIZE
 from corolla.verify.receipts import SESSION_ID_SIZE, Receipt, StepRequest
+from corolla.verify.verdicts import CheckVerdict
 from corolla.version import PROTOCOL_VERSION
 
 __all__ = [
-    "DTYPES",
     "HANDLE_FORWARD",
     "HANDLE_INFERENCE",
     "HANDLE_INFO",
+    "KIND_CHECK",
+    "KIND_CHECKED",
     "KIND_ERROR",
     "KIND_FORWARD",
     "KIND_INFO",
@@ -60,37 +49,26 @@ __all__ = [
     "KIND_OPENED",
     "KIND_OUTPUT",
     "KIND_STEP",
-    "MESSAGE_CAP_BYTES",
+    "MAX_CHECK_STEPS",
     "NAMESPACE",
-    "PART_BYTES",
     "PRIORITIES",
     "PRIORITY_FREE",
     "PRIORITY_HIGH",
     "SERVICE_NAME",
+    "CheckMessage",
+    "CheckOutput",
     "ErrorCode",
     "ErrorReply",
-    "Frame",
-    "Message",
     "NodeInfo",
     "OpenSession",
     "SessionOpened",
     "StepMessage",
     "StepOutput",
-    "WireLimits",
-    "decode_frame",
-    "deserialize_tensor",
-    "encode_message",
     "handle_name",
-    "receive_frame",
-    "serialize_tensor",
 ]
 
 NAMESPACE = "corolla"
 SERVICE_NAME = "NodeService"
-MESSAGE_CAP_BYTES = 4 * 1024**2
-"""hivemind refuses a single protobuf message larger than this."""
-PART_BYTES = 1024**2
-"""Most tensor bytes one part carries (a quarter of the cap, leaving room for framing)."""
 
 KIND_OPEN = "open"
 KIND_OPENED = "opened"
@@ -99,25 +77,22 @@ KIND_OUTPUT = "output"
 KIND_FORWARD = "forward"
 KIND_INFO = "info"
 KIND_ERROR = "error"
+KIND_CHECK = "check"
+KIND_CHECKED = "checked"
+
+MAX_CHECK_STEPS = 256
+"""Most of the checked node's steps one check step covers (a longer catch-up is sent as several
+checks, each resuming where the last ended); keeps a check's records within the wire's metadata
+limit."""
 
 PRIORITY_HIGH = "high"
 """A session whose ticket the node honours: its steps go ahead of free ones."""
 PRIORITY_FREE = "free"
 PRIORITIES = (PRIORITY_HIGH, PRIORITY_FREE)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
-"""The only dtypes the wire accepts, by their names in ``runtime_pb2.Tensor.dtype``."""
-
 
 def handle_name(method: str) -> str:
-    """The libp2p handler name of ``NodeService.<method>`` (as hivemind's ServicerBase names it)."""
+    """The libp2p handler name of the node's ``method`` (``corolla::NodeService.<method>``)."""
     return f"{NAMESPACE}::{SERVICE_NAME}.{method}"
 
 
@@ -126,207 +101,22 @@ HANDLE_FORWARD = handle_name("rpc_forward")
 HANDLE_INFERENCE = handle_name("rpc_inference")
 
 
-@dataclass(frozen=True)
-class WireLimits:
-    """Bounds a receiver enforces on one message."""
-
-    max_tensor_bytes: int = 64 * 1024**2
-    max_metadata_bytes: int = 64 * 1024
-    max_tensors: int = 4
-    max_dims: int = 4
-    part_bytes: int = PART_BYTES
-
-    @property
-    def max_parts(self) -> int:
-        """Parts a message within the limits can need (every chunk could start a new part)."""
-        return self.max_tensor_bytes // self.part_bytes + 2 * self.max_tensors + 1
-
-
-@dataclass(frozen=True)
-class Message:
-    """One logical protocol message: a kind, a canonical body and tensors."""
-
-    kind: str
-    body: dict[str, Value] = field(default_factory=dict)
-    tensors: tuple[torch.Tensor, ...] = ()
-
-
-# --------------------------------------------------------------------------- tensors
-
-
-def serialize_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    """A dense CPU tensor as an uncompressed ``runtime_pb2.Tensor`` (raw bytes)."""
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise InvalidInput(f"dtype {name} cannot be sent; allowed: {', '.join(DTYPES)}")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return runtime_pb2.Tensor(
-        compression=runtime_pb2.CompressionType.NONE,
-        buffer=flat.view(torch.uint8).numpy().tobytes(),
-        size=list(tensor.shape),
-        dtype=name,
-    )
-
-
-def deserialize_tensor(proto: runtime_pb2.Tensor, limits: WireLimits) -> torch.Tensor:
-    """The tensor in ``proto``, checked strictly; raises :class:`InvalidInput` on anything odd."""
-    if proto.compression != runtime_pb2.CompressionType.NONE:
-        raise InvalidInput("compressed tensors are not accepted")
-    dtype = DTYPES.get(proto.dtype)
-    if dtype is None:
-        raise InvalidInput(f"dtype {proto.dtype[:40]!r} is not accepted; allowed: {list(DTYPES)}")
-    shape = list(proto.size)
-    if len(shape) > limits.max_dims:
-        raise InvalidInput(f"a tensor has {len(shape)} dimensions; at most {limits.max_dims}")
-    numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if numel * itemsize != len(proto.buffer):
-        raise InvalidInput(
-            f"a {proto.dtype} tensor of shape {shape} needs {numel * itemsize} bytes, "
-            f"got {len(proto.buffer)}"
-        )
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(proto.buffer), dtype=dtype).reshape(shape)
-
-
-# --------------------------------------------------------------------------- framing
-
-_Part = TypeVar("_Part", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
-
-
-def encode_message(
-    message: Message, part_type: type[_Part], part_bytes: int = PART_BYTES
-) -> list[_Part]:
-    """Split ``message`` into protobuf parts of type ``part_type``, none over ``part_bytes``."""
-    chunks: list[runtime_pb2.Tensor] = []
-    for tensor in message.tensors:
-        proto = serialize_tensor(tensor)
-        if len(proto.buffer) > part_bytes:
-            chunks.extend(split_for_streaming(proto, part_bytes))
-        else:
-            proto.chunks = 1
-            chunks.append(proto)
-    groups: list[list[runtime_pb2.Tensor]] = [[]]
-    filled = 0
-    for chunk in chunks:
-        if groups[-1] and filled + len(chunk.buffer) > part_bytes:
-            groups.append([])
-            filled = 0
-        groups[-1].append(chunk)
-        filled += len(chunk.buffer)
-    envelope = {
-        "protocol": PROTOCOL_VERSION,
-        "kind": message.kind,
-        "parts": len(groups),
-        "body": message.body,
-    }
-    parts = [part_type(tensors=group) for group in groups]
-    parts[0].metadata = canonical(envelope)
-    return parts
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One received message before its tensors are decoded; ``problem`` marks a refusal."""
-
-    protocol: int
-    kind: str
-    body: dict[str, Value]
-    chunks: tuple[runtime_pb2.Tensor, ...]
-    problem: str | None = None
-
-
-async def receive_frame(
-    parts: AsyncIterator[runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse],
-    limits: WireLimits,
-) -> Frame | None:
-    """Read one message's parts from ``parts``; ``None`` when the stream ended cleanly.
-
-    Raises :class:`InvalidInput` when the framing is broken (the stream must then be closed).
-    Too many tensor bytes is not a framing error: the remaining parts are read and dropped, and
-    the frame comes back with ``problem`` set.
-    """
-    first = await anext(parts, None)
-    if first is None:
-        return None
-    if len(first.metadata) > limits.max_metadata_bytes:
-        raise InvalidInput(f"message metadata over {limits.max_metadata_bytes} bytes")
-    envelope = decode(first.metadata)
-    if not isinstance(envelope, dict) or set(envelope) != {"protocol", "kind", "parts", "body"}:
-        raise InvalidInput("message envelope must hold exactly protocol, kind, parts and body")
-    count = envelope["parts"]
-    if not _is_int(count) or not 1 <= count <= limits.max_parts:
-        raise InvalidInput(f"a message must have 1..{limits.max_parts} parts, not {count!r}")
-    protocol, kind, body = envelope["protocol"], envelope["kind"], envelope["body"]
-    if not _is_int(protocol) or not isinstance(kind, str) or not isinstance(body, dict):
-        raise InvalidInput("message envelope has a field of the wrong type")
-    chunks = list(first.tensors)
-    total = sum(len(chunk.buffer) for chunk in chunks)
-    problem = None
-    for index in range(1, count):
-        part = await anext(parts, None)
-        if part is None:
-            raise InvalidInput(f"stream ended after {index} of {count} parts")
-        if part.metadata:
-            problem = "a continuation part carries metadata"
-        total += sum(len(chunk.buffer) for chunk in part.tensors)
-        if total > limits.max_tensor_bytes:
-            problem = f"tensors over the limit of {limits.max_tensor_bytes} bytes"
-            chunks.clear()
-        elif problem is None:
-            chunks.extend(part.tensors)
-    if total > limits.max_tensor_bytes:
-        problem = f"tensors over the limit of {limits.max_tensor_bytes} bytes"
-        chunks.clear()
-    return Frame(protocol, kind, body, tuple(chunks), problem)
-
-
-def decode_frame(frame: Frame, limits: WireLimits) -> Message:
-    """The :class:`Message` in ``frame``; raises :class:`InvalidInput` (recoverable) on errors."""
-    if frame.problem is not None:
-        raise InvalidInput(frame.problem)
-    if frame.protocol != PROTOCOL_VERSION:
-        raise InvalidInput(
-            f"protocol version {frame.protocol} is not supported (this node speaks "
-            f"{PROTOCOL_VERSION})"
-        )
-    tensors: list[torch.Tensor] = []
-    index = 0
-    chunks = frame.chunks
-    while index < len(chunks):
-        head = chunks[index]
-        count = head.chunks
-        if not head.dtype or not 1 <= count <= len(chunks) - index:
-            raise InvalidInput(f"tensor chunk {index} is not a valid head chunk")
-        if len(tensors) == limits.max_tensors:
-            raise InvalidInput(f"a message may carry at most {limits.max_tensors} tensors")
-        rest = chunks[index + 1 : index + count]
-        if any(chunk.dtype or chunk.size or chunk.chunks for chunk in rest):
-            raise InvalidInput(f"tensor {len(tensors)} has a malformed continuation chunk")
-        whole = runtime_pb2.Tensor()
-        whole.CopyFrom(head)
-        whole.buffer = b"".join([head.buffer, *(chunk.buffer for chunk in rest)])
-        tensors.append(deserialize_tensor(whole, limits))
-        index += count
-    return Message(frame.kind, frame.body, tuple(tensors))
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # --------------------------------------------------------------------------- typed messages
 
 
 class ErrorCode:
-    """Why a node refused: ``busy`` becomes :class:`NodeBusy`, the rest :class:`RemoteError`."""
+    """Why a node refused: ``busy`` becomes :class:`NodeBusy`, the rest :class:`RemoteError`.
+
+    ``unverifiable``: a signature, digest or receipt the message carries does not check out
+    (:class:`~corolla.errors.VerificationError` on the node), e.g. the checked node's receipts in
+    a check step; ``invalid``: any other refusal of the message."""
 
     BUSY = "busy"
     INVALID = "invalid"
+    UNVERIFIABLE = "unverifiable"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
-    ALL = (BUSY, INVALID, TIMEOUT, INTERNAL)
+    ALL = (BUSY, INVALID, UNVERIFIABLE, TIMEOUT, INTERNAL)
 
 
 _MAX_ERROR_TEXT = 2000
@@ -447,6 +237,139 @@ class StepOutput:
 
 
 @dataclass(frozen=True)
+class CheckMessage:
+    """Client -> verifier V, on V's *check session* for node N's session: compute the next step
+    of V's session and compare it with what N claimed for the same steps.
+
+    V's check session mirrors N's session from position 0 (same inputs, so V's positions are N's
+    positions). ``step`` is V's own step: its request, signed by the client that signed N's, and
+    N's inputs of the covered steps concatenated along the tokens, [batch, tokens, hidden]. The
+    covered steps are N's steps from where V's session stands (0 the first time) on:
+    ``node_requests`` and ``node_receipts`` (signed by the client and by N), ``claimed`` (N's
+    outputs of those steps concatenated like the inputs), ``previous_chain`` (N's chain digest
+    before the first covered step, ``GENESIS_CHAIN`` at step 0), ``beacon_epoch`` (the epoch of
+    the beacon that assigned V) and ``profile`` (N's announced compute profile, which must be
+    V's own). V answers with a :class:`CheckOutput`.
+    """
+
+    step: StepMessage
+    node_requests: tuple[StepRequest, ...]
+    node_receipts: tuple[Receipt, ...]
+    claimed: torch.Tensor
+    previous_chain: bytes
+    beacon_epoch: int
+    profile: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.step, StepMessage):
+            raise InvalidInput("a check's step is the verifier's own StepMessage")
+        count = len(self.node_requests)
+        if not 1 <= count <= MAX_CHECK_STEPS:
+            raise InvalidInput(f"a check covers 1..{MAX_CHECK_STEPS} of the node's steps")
+        if len(self.node_receipts) != count:
+            raise InvalidInput(
+                f"a check holds one receipt per covered step: {count} requests, "
+                f"{len(self.node_receipts)} receipts"
+            )
+        if not all(isinstance(r, StepRequest) for r in self.node_requests) or not all(
+            isinstance(r, Receipt) for r in self.node_receipts
+        ):
+            raise InvalidInput("a check's node_requests and node_receipts are signed records")
+        if not isinstance(self.claimed, torch.Tensor):
+            raise InvalidInput("a check's claimed outputs are a tensor")
+        _check_bytes("previous_chain", self.previous_chain, DIGEST_SIZE)
+        _check_int("beacon_epoch", self.beacon_epoch, 0, INT_MAX)
+        _check_str("profile", self.profile, 16)
+
+    @property
+    def request(self) -> StepRequest:
+        """V's own request."""
+        return self.step.request
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """N's inputs of the covered steps: V's input."""
+        return self.step.hidden
+
+    def to_message(self) -> Message:
+        body: dict[str, Value] = {
+            "request": self.request.to_bytes(),
+            "node_requests": [r.to_bytes() for r in self.node_requests],
+            "node_receipts": [r.to_bytes() for r in self.node_receipts],
+            "previous_chain": self.previous_chain,
+            "beacon_epoch": self.beacon_epoch,
+            "profile": self.profile,
+        }
+        return Message(KIND_CHECK, body, (self.hidden, self.claimed))
+
+    @classmethod
+    def from_message(cls, message: Message) -> CheckMessage:
+        names = (
+            "request",
+            "node_requests",
+            "node_receipts",
+            "previous_chain",
+            "beacon_epoch",
+            "profile",
+        )
+        body = _body(message, KIND_CHECK, names, tensors=2)
+        requests = _records(body["node_requests"], "node_requests")
+        receipts = _records(body["node_receipts"], "node_receipts")
+        if len(requests) != len(receipts):
+            raise InvalidInput("a check holds one receipt per covered step")
+        request = body["request"]
+        if not isinstance(request, bytes):
+            raise InvalidInput("a check's request is bytes")
+        return cls(
+            StepMessage(StepRequest.from_bytes(request), message.tensors[0]),
+            tuple(StepRequest.from_bytes(item) for item in requests),
+            tuple(Receipt.from_bytes(item) for item in receipts),
+            message.tensors[1],
+            body["previous_chain"],
+            body["beacon_epoch"],
+            body["profile"],
+        )
+
+
+@dataclass(frozen=True)
+class CheckOutput:
+    """Verifier -> client, the answer to a :class:`CheckMessage`: V's step output and receipt
+    (its recomputation of the covered steps) and V's signed verdict on N's claims."""
+
+    receipt: Receipt
+    hidden: torch.Tensor
+    verdict: CheckVerdict
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.verdict, CheckVerdict):
+            raise InvalidInput("a check's verdict is a CheckVerdict")
+        _check_note(self.note)
+
+    def to_message(self) -> Message:
+        body: dict[str, Value] = {
+            "receipt": self.receipt.to_bytes(),
+            "verdict": self.verdict.to_value(),
+        }
+        if self.note:
+            body["note"] = self.note
+        return Message(KIND_CHECKED, body, (self.hidden,))
+
+    @classmethod
+    def from_message(cls, message: Message) -> CheckOutput:
+        body = _body(message, KIND_CHECKED, ["receipt", "verdict"], tensors=1, optional=("note",))
+        receipt = body["receipt"]
+        if not isinstance(receipt, bytes):
+            raise InvalidInput("a check output's receipt is bytes")
+        return cls(
+            Receipt.from_bytes(receipt),
+            message.tensors[0],
+            CheckVerdict.from_value(body["verdict"]),
+            body.get("note", ""),
+        )
+
+
+@dataclass(frozen=True)
 class ErrorReply:
     """Node -> client: a refusal.
 
@@ -484,6 +407,8 @@ class ErrorReply:
         """The reply for an error raised while serving a request."""
         if isinstance(error, NodeBusy):
             return cls(ErrorCode.BUSY, str(error), step, fatal)
+        if isinstance(error, VerificationError):
+            return cls(ErrorCode.UNVERIFIABLE, str(error), step, fatal)
         if isinstance(error, CorollaError):
             return cls(ErrorCode.INVALID, str(error), step, fatal)
         return cls(ErrorCode.INTERNAL, f"internal error: {type(error).__name__}", step, fatal)
@@ -563,7 +488,7 @@ class NodeInfo:
 
     def to_message(self) -> Message:
         body = _fields_of(self)
-        body["throughput"] = milli(self.throughput)
+        body["throughput"] = _milli(self.throughput)
         return Message(KIND_INFO, body)
 
     @classmethod
@@ -578,7 +503,7 @@ class NodeInfo:
 _INFO_OPTIONAL = frozenset({"queued_high", "queued_free", "forward_us", "overtaken", "preempted"})
 
 
-def milli(value: float) -> int:
+def _milli(value: float) -> int:
     """A non-negative float as an int count of thousandths (canonical encoding has no floats)."""
     return round(value * 1000)
 
@@ -587,7 +512,7 @@ def milli(value: float) -> int:
 
 
 def _check_int(name: str, value: object, low: int, high: int = 2**62) -> None:
-    if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidInput(f"{name} must be an int in [{low}, {high}], got {value!r}"[:300])
 
 
@@ -598,6 +523,15 @@ def _check_bytes(name: str, value: object, size: int | None, most: int | None = 
         raise InvalidInput(f"{name} must be {size} bytes, got {len(value)}")
     if most is not None and len(value) > most:
         raise InvalidInput(f"{name} is over {most} bytes")
+
+
+def _records(value: object, name: str) -> list[bytes]:
+    """A bounded list of encoded records (parsed by the caller)."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CHECK_STEPS:
+        raise InvalidInput(f"a check's {name} is a list of 1..{MAX_CHECK_STEPS} records")
+    if not all(isinstance(item, bytes) for item in value):
+        raise InvalidInput(f"a check's {name} holds encoded records (bytes)")
+    return value
 
 
 def _check_note(value: object) -> None:

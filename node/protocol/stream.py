@@ -4,7 +4,8 @@ What a caller sees: :class:`~corolla.errors.NodeBusy` (the node refused for capa
 is still usable), :class:`~corolla.errors.RemoteError` (the node refused the message or sent a
 malformed reply; the stream is still usable unless the node ended it) and
 :class:`~corolla.errors.NodeUnavailable` (timeout, dropped stream, unreachable: the stream is
-dead). Messages, framing and limits are in :mod:`corolla.node.protocol.messages`.
+dead). Messages are in :mod:`corolla.node.protocol.messages`, their parts and limits in
+:mod:`corolla.node.protocol.tensors`.
 """
 
 from __future__ import annotations
@@ -23,18 +24,23 @@ from corolla.node.protocol.messages import (
     HANDLE_FORWARD,
     HANDLE_INFERENCE,
     HANDLE_INFO,
+    KIND_CHECKED,
     KIND_ERROR,
     KIND_FORWARD,
     KIND_INFO,
     KIND_STEP,
-    MESSAGE_CAP_BYTES,
+    CheckMessage,
+    CheckOutput,
     ErrorReply,
-    Message,
     NodeInfo,
     OpenSession,
     SessionOpened,
     StepMessage,
     StepOutput,
+)
+from corolla.node.protocol.tensors import (
+    MESSAGE_CAP_BYTES,
+    Message,
     WireLimits,
     decode_frame,
     encode_message,
@@ -109,7 +115,9 @@ async def request_forward(
 class InferenceStream:
     """The client end of one ``rpc_inference`` stream: one session on one node.
 
-    ``open`` then ``step`` repeatedly; ``close`` ends the stream (the node frees the session).
+    ``open`` then ``step`` repeatedly (or ``check`` on a verifier's check session, see
+    :class:`~corolla.node.protocol.messages.CheckMessage`); ``close`` ends the stream (the node
+    frees the session).
     The lower-level ``send``/``send_parts``/``receive`` exist for tests that send malformed data.
     After a timeout or a transport error the stream is dead and every call raises
     :class:`NodeUnavailable`; an :class:`ErrorReply` raises :class:`NodeBusy`/:class:`RemoteError`
@@ -198,6 +206,22 @@ class InferenceStream:
     async def step(self, step: StepMessage, timeout: float = 60.0) -> StepOutput:
         await self.send(step.to_message(KIND_STEP))
         return StepOutput.from_message(await self.receive(timeout))
+
+    async def check(self, check: CheckMessage, timeout: float = 60.0) -> CheckOutput:
+        """Send a check step to a verifier; its recomputation, receipt and signed verdict."""
+        await self.send(check.to_message())
+        message = await self.receive(timeout)
+        if message.kind != KIND_CHECKED:
+            raise RemoteError(
+                f"node {self.peer_id} answered a check with a {message.kind[:40]!r} message",
+                str(self.peer_id),
+            )
+        try:
+            return CheckOutput.from_message(message)
+        except InvalidInput as error:
+            raise RemoteError(
+                f"node {self.peer_id} sent a malformed check output: {error}", str(self.peer_id)
+            ) from None
 
     async def close(self, timeout: float = 5.0) -> None:
         """End the stream politely: the node frees the session and ends its side."""

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-__all__ = ["Family", "Head", "causal_mask", "sdpa_causal_mask"]
+from corolla.errors import CheckpointError
+
+__all__ = ["Family", "Head", "KeyLayout", "causal_mask", "sdpa_causal_mask"]
 
 
 def causal_mask(
@@ -38,6 +40,28 @@ def sdpa_causal_mask(batch_size: int, new_length: int, past_length: int) -> torc
     if past_length == 0 or new_length == 1:
         return None
     return causal_mask(batch_size, new_length, past_length, torch.float32) == 0
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How one kind of published checkpoint names its tensors.
+
+    Corolla names every tensor as the family's ``...ForCausalLM`` class does (its *canonical*
+    names); a layout renames a stored key to that name by the first matching stored prefix.
+    """
+
+    name: str  # what writes checkpoints this way, e.g. "BloomModel (bigscience/bloom-*)"
+    marker: str  # a stored key every checkpoint of this layout has
+    renames: tuple[tuple[str, str], ...] = ()  # (stored prefix, canonical prefix), in order
+
+    def canonical(self, stored: str) -> str:
+        for stored_prefix, canonical_prefix in self.renames:
+            if stored.startswith(stored_prefix):
+                return canonical_prefix + stored.removeprefix(stored_prefix)
+        return stored
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.marker}"
 
 
 class Head(nn.Module):
@@ -70,6 +94,8 @@ class Family(ABC):
 
     name: str
     model_types: tuple[str, ...]
+    # The key layouts of published checkpoints, the canonical one first.
+    layouts: tuple[KeyLayout, ...]
     # The attention kernel transformers picks for this family by default, so spans compute
     # exactly what `from_pretrained` models do.
     attn_implementation: str = "eager"
@@ -88,6 +114,24 @@ class Family(ABC):
     @abstractmethod
     def build_block(self, config: PretrainedConfig, index: int) -> nn.Module: ...
 
+    def detect_layout(self, keys: Iterable[str], where: str) -> KeyLayout:
+        """The layout whose marker key is among a checkpoint's stored keys."""
+        stored = set(keys)
+        for layout in self.layouts:
+            if layout.marker in stored:
+                return layout
+        known = "; ".join(layout.describe() for layout in self.layouts)
+        sample = ", ".join(sorted(stored)[:4]) or "none"
+        raise CheckpointError(
+            f"{where}: its tensor names fit no {self.name} checkpoint layout Corolla knows "
+            f"({known}); its tensors are named like {sample}"
+        )
+
+    def position_encoder(self, config: PretrainedConfig) -> nn.Module | None:
+        """A weightless module a span builds once and passes to every run (Llama: the rotary
+        table); None for families that need none."""
+        return None
+
     @abstractmethod
     def run_blocks(
         self,
@@ -97,9 +141,11 @@ class Family(ABC):
         cache: DynamicCache | None,
         past_length: int,
         between: Callable[[], None] | None = None,
+        position_encoder: nn.Module | None = None,
     ) -> torch.Tensor:
         """Run `blocks` in order on hidden [batch, new, hidden] after `past_length` tokens,
-        calling `between` (if given) after each block but the last."""
+        calling `between` (if given) after each block but the last. `position_encoder` is
+        what :meth:`position_encoder` built for this config."""
 
     @abstractmethod
     def build_head(self, config: PretrainedConfig) -> tuple[Head, dict[str, str]]:

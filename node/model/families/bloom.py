@@ -10,7 +10,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
-from corolla.node.model.families.base import Family, Head, causal_mask
+from corolla.node.model.families.base import Family, Head, KeyLayout, causal_mask
 
 __all__ = ["BLOOM"]
 
@@ -38,6 +38,7 @@ class _Bloom(Family):
         cache: DynamicCache | None,
         past_length: int,
         between: Callable[[], None] | None = None,
+        position_encoder: nn.Module | None = None,
     ) -> torch.Tensor:
         batch, new, _ = hidden.shape  # batch, new tokens, hidden
         total = past_length + new
@@ -74,4 +75,16 @@ class _Bloom(Family):
         return {"lm_head.weight": "transformer.word_embeddings.weight"}
 
 
-BLOOM = _Bloom(name="bloom", model_types=("bloom",))
+BLOOM = _Bloom(
+    name="bloom",
+    model_types=("bloom",),
+    layouts=(
+        KeyLayout("BloomForCausalLM", marker="transformer.word_embeddings.weight"),
+        # bigscience/bloom-* (and Petals' test models) store BloomModel's keys: h.0..., ln_f...
+        KeyLayout(
+            "BloomModel (bigscience/bloom-*)",
+            marker="word_embeddings.weight",
+            renames=(("lm_head.", "lm_head."), ("", "transformer.")),
+        ),
+    ),
+)

@@ -14,7 +14,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from corolla.node.model.families.base import Family, Head, sdpa_causal_mask
+from corolla.node.model.families.base import Family, Head, KeyLayout, sdpa_causal_mask
 
 __all__ = ["LLAMA"]
 
@@ -33,6 +33,11 @@ class _Llama(Family):
     def build_block(self, config: PretrainedConfig, index: int) -> nn.Module:
         return LlamaDecoderLayer(config, layer_idx=index)
 
+    def position_encoder(self, config: PretrainedConfig) -> nn.Module:
+        # The rotary table holds no weights; it is made from the config's rope settings
+        # (rope_parameters, or a legacy rope_scaling that transformers turned into them).
+        return LlamaRotaryEmbedding(config)
+
     def run_blocks(
         self,
         blocks: list[nn.Module],
@@ -41,10 +46,12 @@ class _Llama(Family):
         cache: DynamicCache | None,
         past_length: int,
         between: Callable[[], None] | None = None,
+        position_encoder: nn.Module | None = None,
     ) -> torch.Tensor:
         batch, new, _ = hidden.shape  # batch, new tokens, hidden
         positions = torch.arange(past_length, past_length + new).expand(batch, new)
-        cos, sin = _rotary(config)(hidden, positions)  # batch, new, head_dim each
+        rotary = position_encoder or self.position_encoder(config)
+        cos, sin = rotary(hidden, positions)  # batch, new, head_dim each
         mask = sdpa_causal_mask(batch, new, past_length)  # None or batch, 1, new, total
         for index, block in enumerate(blocks):
             if index and between is not None:
@@ -77,15 +84,17 @@ class _Llama(Family):
         return {"lm_head.weight": "model.embed_tokens.weight"}
 
 
-_ROTARY_BY_CONFIG: dict[int, LlamaRotaryEmbedding] = {}
-
-
-def _rotary(config: PretrainedConfig) -> LlamaRotaryEmbedding:
-    # The rotary table holds no weights; build it once per config object.
-    key = id(config)
-    if key not in _ROTARY_BY_CONFIG:
-        _ROTARY_BY_CONFIG[key] = LlamaRotaryEmbedding(config)
-    return _ROTARY_BY_CONFIG[key]
-
-
-LLAMA = _Llama(name="llama", model_types=("llama",), attn_implementation="sdpa")
+LLAMA = _Llama(
+    name="llama",
+    model_types=("llama",),
+    layouts=(
+        # Tied checkpoints (SmolLM2, ...) simply have no lm_head.weight: see tied_fallback.
+        KeyLayout("LlamaForCausalLM", marker="model.embed_tokens.weight"),
+        KeyLayout(
+            "LlamaModel (no model. prefix)",
+            marker="embed_tokens.weight",
+            renames=(("lm_head.", "lm_head."), ("", "model.")),
+        ),
+    ),
+    attn_implementation="sdpa",
+)
