@@ -42,7 +42,7 @@ def run(model: DistributedModelForCausalLM, tokens: int) -> tuple[float, int, in
     elapsed = time.perf_counter() - started
     log = model.backbone.last_session.log
     generated = sum(work_units(w.request) for w in log.work)
-    recomputed = sum(work_units(r.request) for check in log.checks for r in check.recomputations)
+    recomputed = sum(work_units(r.request) for check in log.checks for r in check.records)
     return elapsed, generated, recomputed
 
 

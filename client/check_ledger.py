@@ -26,6 +26,7 @@ from corolla.verify.beacon import Beacon
 from corolla.verify.disputes import Dispute
 from corolla.verify.tolerance import (
     CALIBRATION_FILE,
+    DEFAULT_FLOOR_RATIO,
     Calibration,
     load_calibrations,
     tolerance_for,
@@ -33,7 +34,6 @@ from corolla.verify.tolerance import (
 
 __all__ = ["DEFAULT_FLOOR_RATIO", "CheckLedger", "CheckRules", "read_calibrations"]
 
-DEFAULT_FLOOR_RATIO = 10.0
 """Without a calibration, the honest floor is the profile's default threshold divided by this
 (the defaults sit at least 10x above every honest score measured on the tiny models)."""
 

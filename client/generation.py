@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from corolla.client.head import ClientHead
-from corolla.errors import InvalidInput, SessionError, VerificationError
+from corolla.errors import InvalidInput, SessionError, UnverifiedText
 
 __all__ = [
     "Backbone",
@@ -110,19 +110,6 @@ class TokenRange:
             else (f"tokens {self.start}-{self.end - 1}")
         )
         return f"{tokens}: {self.reason}"
-
-
-class UnverifiedText(VerificationError):
-    """Generation was asked to return only checked text (``require_checks``), and some tokens'
-    steps went unchecked; ``ranges`` names them and why."""
-
-    def __init__(self, ranges: tuple[TokenRange, ...]) -> None:
-        names = "; ".join(r.describe() for r in ranges)
-        super().__init__(
-            f"the text was not fully verified and checks were required: {names} (no text is "
-            "returned; run without --require-checks to get it marked as unverified)"
-        )
-        self.ranges = ranges
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from corolla.errors import (
     NodeError,
     NodeUnavailable,
     RouteUnavailable,
+    UnverifiedText,
     VerificationError,
 )
 from corolla.version import PROTOCOL_VERSION, __version__
@@ -73,6 +74,7 @@ __all__ = [
     "NodeError",
     "NodeUnavailable",
     "RouteUnavailable",
+    "UnverifiedText",
     "VerificationError",
     "__version__",
     "run_node",

@@ -130,7 +130,7 @@ def run_demo(
             )
             checks = SpotCheckConfig(rate=0.25, seed=0)
             with DistributedModelForCausalLM.from_pretrained(
-                model_dir, config=client, checks=checks
+                model_dir, config=client, checks=checks, ledger=ledger.url
             ) as model:
                 session = _generate(
                     model, swarm, roles, prompt, max_new_tokens, kill_one, num_blocks, model_dir
@@ -138,7 +138,7 @@ def run_demo(
                 with LedgerClient(ledger.url, load_or_create_identity(client.identity)) as api:
                     with _console.status("reporting the work and the evidence to the ledger"):
                         report = report_session(api, session.log.work, session.log.checks)
-                    _show_report(report)
+                    _show_report(report, session)
                     balances = _show_nodes(api, swarm, roles, session)
             if priority:
                 _paid_and_free(swarm, model_dir, ledger.url, scratch, num_blocks, balances)
@@ -147,7 +147,7 @@ def run_demo(
             _console.print(
                 f"[green]audit passed[/green]: {result.tree_size} entries, "
                 f"{result.pairs_verified} receipts and {result.attestations_verified} "
-                f"spot-checks re-verified, {result.evidence_checked} evidence re-checked, "
+                f"spot-checks re-verified, {result.disputes_checked} disputes re-judged, "
                 f"root {result.root_hash.hex()[:16]}"
             )
             _console.print("stopping the nodes and the ledger")
@@ -225,18 +225,19 @@ def _prompt_ids(tokenizer: object, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt").input_ids  # type: ignore[operator]
 
 
-def _show_report(report: ReportSummary) -> None:
-    _console.print(
-        f"reported {report.pairs} signed receipts and {report.attestations} spot-check "
-        "attestations to the ledger"
-    )
-    for verdict in report.verdicts:
+def _show_report(report: ReportSummary, session: RemoteSession) -> None:
+    for case in session.log.disputes:
+        ruling = case.ruling
         _console.print(
-            f"[bold]fraud evidence against {verdict.accused.hex()[:16]}: {verdict.verdict}[/bold] "
-            f"(judged by the {verdict.judge}: {verdict.reason}); {verdict.taken} points taken"
+            f"[bold]dispute over node {case.peer_id[-8:]}'s work: {ruling.decision}[/bold] "
+            f"(judged by the {ruling.judge}: {ruling.reason[:120]})"
         )
-    for refusal in report.refused:
-        _console.print(f"evidence refused: {refusal}")
+    _console.print(
+        f"reported {report.pairs} signed receipts and {report.attestations} verifier-signed "
+        "verdicts to the ledger"
+    )
+    for dropped in report.dropped:
+        _console.print(f"a verdict the ledger would not count: {dropped}")
 
 
 def _paid_and_free(

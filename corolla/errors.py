@@ -12,7 +12,8 @@ catch what they mean and the command line turns any of them into a one-line mess
     ├── KeyFileError              an identity file that is missing, unreadable or corrupt
     ├── VerificationError         a signature, digest or receipt that does not check out
     │   ├── BadSignature
-    │   └── BadReceipt
+    │   ├── BadReceipt
+    │   └── UnverifiedText        checks were required and some tokens went unchecked
     ├── NodeError                 a remote node failed us
     │   ├── NodeUnavailable       unreachable, dead or timed out
     │   ├── NodeBusy              refused for lack of capacity (cache room, queue)
@@ -22,6 +23,8 @@ catch what they mean and the command line turns any of them into a one-line mess
     └── LedgerError               the ledger could not be reached or refused a request
         └── LedgerRefused         the ledger answered 4xx with a reason
 """
+
+from typing import Any
 
 __all__ = [
     "BadReceipt",
@@ -41,6 +44,7 @@ __all__ = [
     "SessionError",
     "SpanOutOfRange",
     "UnsupportedModel",
+    "UnverifiedText",
     "VerificationError",
 ]
 
@@ -123,3 +127,16 @@ class LedgerRefused(LedgerError):
     def __init__(self, message: str, status_code: int = 400) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class UnverifiedText(VerificationError):
+    """Generation was asked to return only checked text (``require_checks``), and some tokens'
+    steps went unchecked; ``ranges`` names them and why (each with ``describe()``)."""
+
+    def __init__(self, ranges: tuple[Any, ...]) -> None:
+        names = "; ".join(r.describe() for r in ranges)
+        super().__init__(
+            f"the text was not fully verified and checks were required: {names} (no text is "
+            "returned; run without --require-checks to get it marked as unverified)"
+        )
+        self.ranges = ranges

@@ -42,13 +42,12 @@ from corolla.node.verifier import read_calibrations
 from corolla.verify.disputes import Dispute, Judgment, check_dispute, judge_dispute
 from corolla.verify.receipts import StepRequest
 from corolla.verify.referee import RefereeConfig, RefereeFinding
-from corolla.verify.tolerance import Tolerance, compare, tolerance_for
+from corolla.verify.tolerance import DEFAULT_FLOOR_RATIO, Tolerance, compare, tolerance_for
 
 __all__ = ["DEFAULT_FLOOR_RATIO", "Referee"]
 
 _log = logging.getLogger("corolla.node.referee")
 
-DEFAULT_FLOOR_RATIO = 10.0
 """Without a calibration, the honest floor is the profile's default threshold divided by this:
 the defaults were set at least 10x above the largest honest score measured
 (:mod:`corolla.verify.tolerance`), so the floor stays above every honest score measured."""

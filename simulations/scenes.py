@@ -55,14 +55,19 @@ def client_model(
     *,
     allow: str | None = None,
     checks: SpotCheckConfig | None = None,
+    ledger: str | None = None,
 ) -> DistributedModelForCausalLM:
+    """A client of ``swarm``; with ``ledger``, its checks are assigned by the ledger's beacon
+    (and can credit work), else drawn by the client (they protect the text only)."""
     config = ClientConfig(
         initial_peers=tuple(swarm.initial_peers),
         identity=key,
         allow=frozenset([allow]) if allow else frozenset(),
         step_timeout=60.0,
     )
-    return DistributedModelForCausalLM.from_pretrained(model_dir, config=config, checks=checks)
+    return DistributedModelForCausalLM.from_pretrained(
+        model_dir, config=config, checks=checks, ledger=ledger
+    )
 
 
 def step_times(
@@ -89,7 +94,9 @@ def earn_points(
     """A client uses the swarm with every step checked and reports each session: nodes earn."""
     config = GenerationConfig(max_new_tokens=16, stop_at_eos=False)
     with (
-        client_model(swarm, model_dir, key, checks=SpotCheckConfig(rate=1.0, seed=0)) as model,
+        client_model(
+            swarm, model_dir, key, checks=SpotCheckConfig(rate=1.0, seed=0), ledger=ledger_url
+        ) as model,
         LedgerClient(ledger_url, load_or_create_identity(key)) as api,
     ):
         for _ in range(sessions):

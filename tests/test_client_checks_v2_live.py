@@ -63,19 +63,17 @@ def start_ledger(root: Path, referee_model: Path) -> LedgerProcess:
 
 def wait_declared(ledger: str, model_dir: Path, nodes: list[tuple[NodeProcess, str]]) -> None:
     """Wait until every node (started with ``--ledger``) has declared its blocks (fp32) to the
-    ledger, then until the next beacon epoch begins: the first whose assignments count them."""
+    ledger before the current beacon epoch began: every check from now on counts it."""
     digest = load_head(model_dir).model_digest
     deadline = time.monotonic() + DECLARE_TIMEOUT
     with LedgerClient(ledger) as api:
         for node, blocks in nodes:
             start, end = parse_span(blocks)
-            while True:
-                upcoming = int(time.time() // PERIOD) + 1
-                if key_of(node) in api.servers(digest, start, end, "fp32", upcoming):
-                    break
+            while key_of(node) not in api.servers(
+                digest, start, end, "fp32", int(time.time() // PERIOD)
+            ):
                 assert time.monotonic() < deadline, f"{node.name} never declared {blocks}"
                 time.sleep(0.2)
-    time.sleep(PERIOD - time.time() % PERIOD + 0.2)
 
 
 def key_of(node: NodeProcess) -> bytes:

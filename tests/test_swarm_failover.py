@@ -194,7 +194,9 @@ def test_a_node_that_accepts_a_step_and_never_answers_is_timed_out_and_replaced(
 def test_a_node_that_dies_right_after_a_spot_check_rewind_is_replaced_and_the_text_is_unchanged(
     pool: Pool, tmp_path: Path
 ):
-    pool.ensure({FIRST: 1, MIDDLE: 2, LAST: 1})
+    # Without a ledger the dispute stays unjudged: both the cheater and its verifier are then
+    # avoided, so after the middle hop is killed a third honest middle node must be left.
+    pool.ensure({FIRST: 1, MIDDLE: 3, LAST: 1})
     cheater = pool.adversary("noise")
     checks = SpotCheckConfig(rate=0.25, seed=3)
     with _client(pool, tmp_path, using=cheater.peer_id, checks=checks) as model:

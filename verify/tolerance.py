@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are compared: the ledger re
 
 __all__ = [
     "CALIBRATION_FILE",
+    "DEFAULT_FLOOR_RATIO",
     "PROFILES",
     "TOLERANCES",
     "Calibration",
@@ -181,6 +182,10 @@ def _check_pair(claimed: torch.Tensor, recomputed: torch.Tensor, tolerance: Tole
             f"{tuple(recomputed.shape)}"
         )
 
+
+DEFAULT_FLOOR_RATIO = 10.0
+"""An uncalibrated model's honest floor is its profile's default threshold divided by this (the
+defaults were set at least 10x above the largest honest score measured)."""
 
 CALIBRATION_FILE = "corolla-tolerance.json"
 """Where a checkpoint's measured tolerances live, beside its manifest."""
