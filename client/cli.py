@@ -21,7 +21,11 @@ from corolla.client.swarm import DEFAULT_CLIENT_IDENTITY
 
 __all__ = ["generate_command", "register"]
 
-Prompt = Annotated[str, typer.Argument(help="The text to continue.")]
+Prompt = Annotated[str, typer.Argument(help="The text to continue (with --chat: the message).")]
+Chat = Annotated[
+    bool, typer.Option("--chat", help="PROMPT is a chat message: use the chat template.")
+]
+System = Annotated[str | None, typer.Option("--system", help="With --chat: a system message.")]
 Model = Annotated[Path, typer.Option("--model", help="Checkpoint directory (the client side).")]
 InitialPeers = Annotated[
     list[str],
@@ -129,6 +133,8 @@ def generate_command(
     ticket_budget: TicketBudget = PriorityConfig.budget,
     wallet: Wallet = DEFAULT_WALLET,
     require_checks: RequireChecks = False,
+    chat: Chat = False,
+    system: System = None,
 ) -> None:
     """Generate text after PROMPT, streamed to the terminal as it is produced."""
     options = GenerateOptions(
@@ -159,6 +165,8 @@ def generate_command(
         ticket_budget=ticket_budget,
         wallet=wallet,
         require_checks=require_checks,
+        chat=chat,
+        system=system,
     )
     result = run_generation(options, None if options.as_json else TextStream())
     print_result(result, options.as_json, options.prompt)

@@ -54,10 +54,16 @@ class GenerateOptions:
     ticket_budget: int = PriorityConfig.budget
     wallet: Path = DEFAULT_WALLET
     require_checks: bool = False
+    chat: bool = False
+    """The prompt is a chat message, put through the checkpoint's chat template."""
+    system: str | None = None
+    """With ``chat``: a system message before it."""
 
     def __post_init__(self) -> None:
         if not self.prompt:
             raise InvalidInput("the prompt is empty: give some text to continue")
+        if self.system is not None and not self.chat:
+            raise InvalidInput("--system goes with --chat (a system message opens a chat)")
         if self.local == bool(self.peers):
             raise InvalidInput("give either --local or --initial-peers ADDR (where the swarm is)")
         if self.priority not in PRIORITIES:

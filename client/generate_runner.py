@@ -80,9 +80,13 @@ def run_generation(options: GenerateOptions, sink: TokenSink | None) -> Generate
             head, backbone = remote.head, remote.backbone
     try:
         loaded = time.perf_counter()
-        input_ids = head.tokenizer(options.prompt, return_tensors="pt").input_ids  # 1, prompt
+        input_ids = (  # 1, prompt
+            head.chat_ids(options.prompt, options.system)
+            if options.chat
+            else head.tokenizer(options.prompt, return_tensors="pt").input_ids
+        )
         if sink is not None:
-            sink.begin(head, options.prompt)
+            sink.begin(head, options.prompt + ("\n" if options.chat else ""))  # answer below
         result = generate_result(
             head,
             backbone,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from corolla.node.model.chat import load_tokenizer
+from corolla.node.model.chat import chat_input_ids, chat_messages, load_tokenizer
 from corolla.node.model.checkpoint import Checkpoint
 from corolla.node.model.families import Family, Head
 from corolla.node.model.head import read_head
@@ -42,6 +42,11 @@ class ClientHead:
     def pad_token_id(self) -> int:
         value = self.config.pad_token_id
         return value if value is not None else (self.eos_token_id or 0)
+
+    def chat_ids(self, message: str, system: str | None = None) -> torch.Tensor:
+        """[1, tokens]: ``message`` (after an optional ``system`` message) through the
+        checkpoint's chat template; InvalidInput if the checkpoint has none."""
+        return torch.tensor([chat_input_ids(self.tokenizer, chat_messages(message, system))])
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

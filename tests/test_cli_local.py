@@ -99,6 +99,15 @@ def test_a_directory_without_a_checkpoint_is_a_one_line_error(tmp_path: Path):
     )
 
 
+def test_chat_without_a_template_or_a_system_message_without_chat_is_a_one_line_error(
+    bloom_dir: Path,
+):
+    no_template = corolla("generate", "--local", "--model", str(bloom_dir), "--chat", "hi")
+    _one_line_error(no_template, "error:", "no chat template")
+    alone = corolla("generate", "--local", "--model", str(bloom_dir), "--system", "be terse", "hi")
+    _one_line_error(alone, "error:", "--system goes with --chat")
+
+
 def test_an_unsupported_model_type_is_a_one_line_error(bloom_dir: Path, tmp_path: Path):
     copy = tmp_path / "other"
     shutil.copytree(bloom_dir, copy)

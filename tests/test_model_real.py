@@ -119,3 +119,17 @@ def test_a_killed_fetch_leaves_nothing_that_looks_fetched(smollm2: Path, tmp_pat
             process.wait(timeout=60)
     assert cached_model(NAME, cache=tmp_path) is None
     assert not (models / NAME).exists()
+
+
+def test_corolla_generate_chat_answers_through_the_template(smollm2: Path):
+    """`corolla generate --chat` (with --system) puts the message through the chat template."""
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "corolla", "generate", "--local", "--model", str(smollm2),
+            "--chat", "What is the capital of France?", "--system", "You are a terse assistant.",
+            "--max-new-tokens", "12",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
